@@ -1,0 +1,142 @@
+//! The one HTTP error type: every failure becomes the API's error body
+//! `{"error": {"code", "message"}}` with the status API.md gives it.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Seconds a client is asked to wait after a 503.
+const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: malformed or invalid input; the message names the field.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 401: missing, malformed, unknown or revoked credentials.
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// 404: no such resource for this tenant, or no such route.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409: the conversation already has a queued or running job.
+    #[error("the conversation already has a queued or running job")]
+    ConversationBusy,
+    /// 409: the request conflicts with the resource's state.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// 413: the body is over the limit.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 415: the body is not JSON.
+    #[error("request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    /// 429: the tenant is over its rate limit.
+    #[error("rate limit exceeded")]
+    RateLimited {
+        /// Seconds until a retry can succeed.
+        retry_after_secs: u64,
+    },
+    /// 429: the work queue is at its maximum length.
+    #[error("the work queue is full, retry later")]
+    QueueFull {
+        /// Seconds the client should wait.
+        retry_after_secs: u64,
+    },
+    /// 503: the database or broker cannot take the request now.
+    #[error("{0} is unavailable, retry later")]
+    Unavailable(&'static str),
+    /// 500: a bug or an unexpected failure; logged, never shown.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        if chatq_common::db::is_unavailable(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            Self::Unavailable("the database")
+        } else {
+            Self::Internal(err.into())
+        }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ConversationBusy | Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::ConversationBusy => "conversation_busy",
+            Self::Conflict(_) => "conflict",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::QueueFull { .. } => "queue_full",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_secs } | Self::QueueFull { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
+            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+
+    /// A 400 naming what was wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidRequest(message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = match &self {
+            Self::Internal(err) => {
+                // Logged once here, inside the request span; the client gets generic text.
+                tracing::error!(error = ?err, "internal error");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = json!({"error": {"code": self.code(), "message": message}});
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,100 @@
+//! `chatq-api`: serve the HTTP API, or `chatq-api migrate` to apply the
+//! database migrations and exit.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use chatq_api::{ApiConfig, AppState};
+
+/// chatq's HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "chatq-api", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ApiConfig,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Apply pending migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() {
+    chatq_common::telemetry::init();
+    if let Err(err) = try_main().await {
+        tracing::error!("{err:?}");
+        std::process::exit(1);
+    }
+}
+
+async fn try_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = cli.config;
+    if matches!(cli.command, Some(Command::Migrate)) || config.migrate_on_start {
+        let pool = config.db.pool().context("configuring the postgres pool")?;
+        chatq_common::MIGRATOR
+            .run(&pool)
+            .await
+            .context("applying migrations")?;
+        tracing::info!("migrations applied");
+        if cli.command.is_some() {
+            return Ok(());
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let grace = config.shutdown_grace;
+    let listener = tokio::net::TcpListener::bind(&config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let state = AppState::new(config, &shutdown).context("setting up")?;
+    // Test harnesses and scripts read the bound address from this line.
+    println!("chatq-api listening on http://{addr}");
+    std::io::stdout().flush().context("writing to stdout")?;
+    tracing::info!(%addr, "listening");
+
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let server = tokio::spawn(chatq_api::serve(listener, state, shutdown.clone()));
+    shutdown.cancelled().await;
+    match tokio::time::timeout(grace, server).await {
+        Ok(joined) => joined.context("server task")?.context("serving")?,
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "in-flight requests outlived the grace period"
+        ),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,102 @@
+//! Operator routes, behind the admin token.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::json;
+
+use chatq_common::db::keys;
+use chatq_common::domain::new_id;
+
+use crate::AppState;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{IdPath, JsonBody};
+
+/// Longest tenant name.
+const MAX_TENANT_CHARS: usize = 200;
+/// Highest per-key submission rate.
+const MAX_RATE_LIMIT_PER_MINUTE: i64 = 1_000_000;
+
+/// Body of `POST /admin/v1/api-keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    tenant: String,
+    rate_limit_per_minute: Option<i64>,
+}
+
+/// `POST /admin/v1/api-keys` → 201 `{id, tenant, key}`; the key is shown
+/// only here.
+pub async fn create_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    JsonBody(body): JsonBody<CreateKey>,
+) -> ApiResult<impl IntoResponse> {
+    let tenant = body.tenant.trim();
+    if tenant.is_empty() || tenant.chars().count() > MAX_TENANT_CHARS {
+        return Err(ApiError::invalid(format!(
+            "tenant: must be 1 to {MAX_TENANT_CHARS} characters"
+        )));
+    }
+    let rate_limit = match body.rate_limit_per_minute {
+        None => None,
+        Some(n) if (1..=MAX_RATE_LIMIT_PER_MINUTE).contains(&n) => i32::try_from(n).ok(),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "rate_limit_per_minute: must be an integer from 1 to {MAX_RATE_LIMIT_PER_MINUTE}"
+            )));
+        }
+    };
+    let key = keys::generate_key();
+    let id = new_id();
+    let mut tx = state.db.begin().await?;
+    let tenant_id = keys::upsert_tenant(&mut *tx, new_id(), tenant).await?;
+    keys::insert_key(&mut *tx, id, tenant_id, &keys::hash_key(&key), rate_limit).await?;
+    tx.commit().await?;
+    let body = json!({
+        "id": id, "tenant": tenant, "tenant_id": tenant_id, "key": key,
+        "rate_limit_per_minute": rate_limit,
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// `DELETE /admin/v1/api-keys/{id}` → 204; the key stops working at once.
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    _admin: Admin,
+    IdPath(id): IdPath,
+) -> ApiResult<impl IntoResponse> {
+    if keys::revoke(&state.db, id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("no such api key"))
+    }
+}
+
+/// `GET /admin/v1/queues`: broker depths and job counts by status.
+pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
+    let broker = state.publisher.broker();
+    let depths = broker.depths().await.map_err(|err| {
+        tracing::warn!(error = %err, "cannot read queue depths");
+        ApiError::Unavailable("the broker")
+    })?;
+    let stats = chatq_common::db::jobs::stats(&state.db).await?;
+    let by_status: serde_json::Map<String, serde_json::Value> = stats
+        .by_status
+        .into_iter()
+        .map(|(s, n)| (s, json!(n)))
+        .collect();
+    Ok(Json(json!({
+        "queue": broker.topology().work_queue,
+        "depth": depths.work_messages,
+        "consumers": depths.work_consumers,
+        "dead_letter_queue": broker.topology().dead_queue,
+        "dead_letter_depth": depths.dead_messages,
+        "max_length": broker.topology().max_length,
+        "jobs_by_status": by_status,
+        "oldest_queued_age_secs": stats.oldest_queued_age_secs,
+    })))
+}

@@ -1,0 +1,43 @@
+//! Routes, one module per resource.
+
+mod admin;
+mod conversations;
+mod health;
+mod jobs;
+mod submit;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Every route of API.md, with JSON 404 and 405 fallbacks.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route(
+            "/v1/conversations",
+            post(conversations::create).get(conversations::list),
+        )
+        .route(
+            "/v1/conversations/{id}",
+            get(conversations::get).delete(conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/messages",
+            post(submit::submit).get(conversations::messages),
+        )
+        .route("/v1/chat", post(submit::chat))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/admin/v1/api-keys", post(admin::create_key))
+        .route(
+            "/admin/v1/api-keys/{id}",
+            axum::routing::delete(admin::revoke_key),
+        )
+        .route("/admin/v1/queues", get(admin::queues))
+        .fallback(|| async { ApiError::NotFound("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}

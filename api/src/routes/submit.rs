@@ -1,0 +1,309 @@
+//! Submitting a message: one transaction stores the user message and a
+//! queued job, then the job is published with confirms and answered 202.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use uuid::Uuid;
+
+use chatq_common::db::{self, conversations, jobs, messages};
+use chatq_common::domain::{Job, Role, new_id};
+use chatq_common::queue::QueueError;
+
+use super::conversations::{
+    NewConversation, conversation_row, validate_model, validate_new_conversation,
+};
+use crate::AppState;
+use crate::auth::Tenant;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{IdPath, JsonBody};
+use crate::views::JobView;
+
+/// Largest accepted `max_tokens`.
+const MAX_TOKENS_LIMIT: i64 = 32_768;
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Seconds a client is asked to wait when the work queue is full.
+const QUEUE_FULL_RETRY_AFTER_SECS: u64 = 5;
+
+/// Body of `POST /v1/conversations/{id}/messages`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    content: String,
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+}
+
+/// Body of `POST /v1/chat`: a conversation and its first message at once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatBody {
+    content: String,
+    system_prompt: Option<String>,
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    metadata: Option<serde_json::Value>,
+}
+
+/// A validated chat turn to queue.
+pub struct TurnInput {
+    /// The user's message.
+    pub content: String,
+    /// Model override for this job.
+    pub model: Option<String>,
+    /// Completion token cap.
+    pub max_tokens: Option<i32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+}
+
+/// Where the turn goes.
+pub enum Target {
+    /// An existing conversation of the tenant.
+    Existing(Uuid),
+    /// A conversation created in the same transaction.
+    New(NewConversation),
+}
+
+/// `POST /v1/conversations/{id}/messages` → 202 job.
+pub async fn submit(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    IdPath(conversation_id): IdPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> ApiResult<Response> {
+    let idempotency = idempotency_key(&headers)?;
+    let request_hash = request_hash(&("messages", conversation_id, &body));
+    let turn = validate_turn(
+        &state,
+        body.content,
+        body.model,
+        body.max_tokens,
+        body.temperature,
+    )?;
+    submit_turn(
+        &state,
+        &tenant,
+        Target::Existing(conversation_id),
+        turn,
+        idempotency.as_deref(),
+        &request_hash,
+    )
+    .await
+}
+
+/// `POST /v1/chat` → 202 job in a new conversation.
+pub async fn chat(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ChatBody>,
+) -> ApiResult<Response> {
+    let idempotency = idempotency_key(&headers)?;
+    let request_hash = request_hash(&("chat", &body));
+    let turn = validate_turn(
+        &state,
+        body.content,
+        None,
+        body.max_tokens,
+        body.temperature,
+    )?;
+    let new = validate_new_conversation(&state, body.system_prompt, body.model, body.metadata)?;
+    submit_turn(
+        &state,
+        &tenant,
+        Target::New(new),
+        turn,
+        idempotency.as_deref(),
+        &request_hash,
+    )
+    .await
+}
+
+/// Checks the fields of a turn against API.md's rules.
+pub fn validate_turn(
+    state: &AppState,
+    content: String,
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+) -> ApiResult<TurnInput> {
+    let max_chars = state.config.max_content_chars;
+    if content.is_empty() {
+        return Err(ApiError::invalid("content: must not be empty"));
+    }
+    if content.chars().count() > max_chars {
+        return Err(ApiError::invalid(format!(
+            "content: must be at most {max_chars} characters"
+        )));
+    }
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(n) if (1..=MAX_TOKENS_LIMIT).contains(&n) => i32::try_from(n).ok(),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "max_tokens: must be an integer from 1 to {MAX_TOKENS_LIMIT}"
+            )));
+        }
+    };
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::invalid(
+            "temperature: must be a number from 0 to 2",
+        ));
+    }
+    let model = validate_model(model)?;
+    Ok(TurnInput {
+        content,
+        model,
+        max_tokens,
+        temperature,
+    })
+}
+
+/// The `Idempotency-Key` header, if given: 1–255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !bytes.iter().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::invalid(format!(
+            "Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn request_hash(request: &impl Serialize) -> Vec<u8> {
+    // Serialising a derived struct is deterministic: same request, same bytes.
+    let bytes = serde_json::to_vec(request).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).to_vec()
+}
+
+/// Stores the turn and its job in one transaction, publishes, answers 202.
+pub async fn submit_turn(
+    state: &AppState,
+    tenant: &Tenant,
+    target: Target,
+    turn: TurnInput,
+    idempotency_key: Option<&str>,
+    request_hash: &[u8],
+) -> ApiResult<Response> {
+    if let Some(key) = idempotency_key
+        && let Some(existing) = replay(state, tenant, key, request_hash).await?
+    {
+        return Ok(existing);
+    }
+    let job = match store_turn(state, tenant, target, &turn, idempotency_key, request_hash).await {
+        Err(ApiError::Conflict(IDEMPOTENCY_RACE)) => {
+            // A concurrent request with the same key won; answer as its replay.
+            let key = idempotency_key.unwrap_or_default();
+            return replay(state, tenant, key, request_hash)
+                .await?
+                .ok_or(ApiError::Conflict(
+                    "idempotency key was just used by a request that did not complete",
+                ));
+        }
+        other => other?,
+    };
+    match state.publisher.publish(job.id).await {
+        Ok(()) => {}
+        Err(QueueError::Full) => {
+            if jobs::withdraw(&state.db, job.id).await? {
+                return Err(ApiError::QueueFull {
+                    retry_after_secs: QUEUE_FULL_RETRY_AFTER_SECS,
+                });
+            }
+        }
+        Err(err) => {
+            // The job is committed; the relay publishes it once the broker is back.
+            tracing::warn!(job_id = %job.id, error = %err, "publish not confirmed; left to the relay");
+        }
+    }
+    Ok(accepted(job))
+}
+
+const IDEMPOTENCY_RACE: &str = "idempotency key race";
+
+async fn replay(
+    state: &AppState,
+    tenant: &Tenant,
+    key: &str,
+    request_hash: &[u8],
+) -> ApiResult<Option<Response>> {
+    match jobs::find_by_idempotency_key(&state.db, tenant.id, key).await? {
+        None => Ok(None),
+        Some((job, hash)) if hash.as_deref() == Some(request_hash) => Ok(Some(accepted(job))),
+        Some(_) => Err(ApiError::Conflict(
+            "Idempotency-Key was already used with a different request",
+        )),
+    }
+}
+
+async fn store_turn(
+    state: &AppState,
+    tenant: &Tenant,
+    target: Target,
+    turn: &TurnInput,
+    idempotency_key: Option<&str>,
+    request_hash: &[u8],
+) -> ApiResult<Job> {
+    let mut tx = state.db.begin().await?;
+    let conversation = match target {
+        Target::Existing(id) => conversations::lock(&mut *tx, tenant.id, id)
+            .await?
+            .ok_or(ApiError::NotFound("no such conversation"))?,
+        Target::New(new) => conversations::insert(&mut *tx, &conversation_row(tenant, new)).await?,
+    };
+    let job_id = new_id();
+    let model = turn.model.as_deref().unwrap_or(&conversation.model);
+    let new_job = jobs::NewJob {
+        id: job_id,
+        tenant_id: tenant.id,
+        conversation_id: conversation.id,
+        model,
+        max_tokens: turn.max_tokens,
+        temperature: turn.temperature,
+        idempotency_key,
+        request_hash: idempotency_key.map(|_| request_hash),
+    };
+    let job =
+        jobs::insert(&mut *tx, &new_job).await.map_err(|err| {
+            match db::violated_constraint(&err) {
+                Some("jobs_one_active_per_conversation") => ApiError::ConversationBusy,
+                Some("jobs_tenant_idempotency_key") => ApiError::Conflict(IDEMPOTENCY_RACE),
+                _ => err.into(),
+            }
+        })?;
+    let message = messages::NewMessage {
+        id: new_id(),
+        tenant_id: tenant.id,
+        conversation_id: conversation.id,
+        role: Role::User,
+        content: &turn.content,
+        job_id: Some(job_id),
+    };
+    messages::insert(&mut *tx, &message).await?;
+    tx.commit().await?;
+    Ok(job)
+}
+
+fn accepted(job: Job) -> Response {
+    let location = format!("/v1/jobs/{}", job.id);
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(JobView::from(job)),
+    )
+        .into_response()
+}

@@ -1,0 +1,153 @@
+//! The JSON shapes of API.md's resources.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use chatq_common::domain::{Conversation, Job, JobStatus, Message, Role};
+
+/// The job object, the same everywhere a job is returned.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    id: Uuid,
+    conversation_id: Uuid,
+    status: JobStatus,
+    model: String,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    /// Present only when `succeeded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<JobResultView>,
+    /// Present only when `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorView>,
+}
+
+#[derive(Debug, Serialize)]
+struct JobResultView {
+    message_id: Option<Uuid>,
+    content: String,
+    finish_reason: Option<String>,
+    usage: UsageView,
+}
+
+#[derive(Debug, Serialize)]
+struct UsageView {
+    prompt_tokens: i32,
+    completion_tokens: i32,
+    total_tokens: i32,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorView {
+    code: String,
+    message: String,
+}
+
+impl From<Job> for JobView {
+    fn from(j: Job) -> Self {
+        let result = (j.status == JobStatus::Succeeded).then(|| {
+            let prompt_tokens = j.prompt_tokens.unwrap_or(0);
+            let completion_tokens = j.completion_tokens.unwrap_or(0);
+            JobResultView {
+                message_id: j.result_message_id,
+                content: j.result_content.unwrap_or_default(),
+                finish_reason: j.finish_reason,
+                usage: UsageView {
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                },
+            }
+        });
+        let error = (j.status == JobStatus::Failed).then(|| ErrorView {
+            code: j.error_code.unwrap_or_else(|| "internal_error".to_owned()),
+            message: j.error_message.unwrap_or_default(),
+        });
+        Self {
+            id: j.id,
+            conversation_id: j.conversation_id,
+            status: j.status,
+            model: j.model,
+            attempts: j.attempts,
+            created_at: j.created_at,
+            started_at: j.started_at,
+            finished_at: j.finished_at,
+            result,
+            error,
+        }
+    }
+}
+
+/// A conversation.
+#[derive(Debug, Serialize)]
+pub struct ConversationView {
+    id: Uuid,
+    system_prompt: Option<String>,
+    model: String,
+    metadata: serde_json::Value,
+    created_at: DateTime<Utc>,
+}
+
+impl From<Conversation> for ConversationView {
+    fn from(c: Conversation) -> Self {
+        Self {
+            id: c.id,
+            system_prompt: c.system_prompt,
+            model: c.model,
+            metadata: c.metadata,
+            created_at: c.created_at,
+        }
+    }
+}
+
+/// A message of a conversation.
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    id: Uuid,
+    role: Role,
+    content: String,
+    job_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            role: m.role,
+            content: m.content,
+            job_id: m.job_id,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// A page of a list: `data` and the cursor of the next page.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    data: Vec<T>,
+    next_after: Option<Uuid>,
+}
+
+impl<T> Page<T> {
+    /// A page from rows fetched with `limit + 1`: the extra row only says
+    /// that there is a next page.
+    pub fn from_rows<R>(
+        mut rows: Vec<R>,
+        limit: i64,
+        id: impl Fn(&R) -> Uuid,
+        view: impl Fn(R) -> T,
+    ) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_after = if more { rows.last().map(&id) } else { None };
+        Self {
+            data: rows.into_iter().map(view).collect(),
+            next_after,
+        }
+    }
+}

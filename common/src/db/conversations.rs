@@ -1,0 +1,98 @@
+//! Conversations, scoped by tenant.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::domain::Conversation;
+
+/// Stores a new conversation.
+pub async fn insert(db: impl PgExecutor<'_>, c: &Conversation) -> sqlx::Result<Conversation> {
+    sqlx::query_as(
+        "insert into conversations (id, tenant_id, system_prompt, model, metadata)
+         values ($1, $2, $3, $4, $5)
+         returning id, tenant_id, system_prompt, model, metadata, created_at",
+    )
+    .bind(c.id)
+    .bind(c.tenant_id)
+    .bind(&c.system_prompt)
+    .bind(&c.model)
+    .bind(&c.metadata)
+    .fetch_one(db)
+    .await
+}
+
+/// The tenant's conversation with this id.
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Conversation>> {
+    sqlx::query_as(
+        "select id, tenant_id, system_prompt, model, metadata, created_at
+         from conversations where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Locks the tenant's conversation row for the rest of the transaction, so
+/// a submission and a delete of the same conversation serialise.
+pub async fn lock(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Conversation>> {
+    sqlx::query_as(
+        "select id, tenant_id, system_prompt, model, metadata, created_at
+         from conversations where tenant_id = $1 and id = $2 for update",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Up to `limit` of the tenant's conversations, newest first, older than
+/// `after` when given (keyset pagination on the time-ordered id).
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Conversation>> {
+    sqlx::query_as(
+        "select id, tenant_id, system_prompt, model, metadata, created_at
+         from conversations
+         where tenant_id = $1 and ($2::uuid is null or id < $2)
+         order by id desc limit $3",
+    )
+    .bind(tenant_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes the conversation with its messages and jobs (cascade), first
+/// announcing its active jobs so waiting clients re-read them. False if the
+/// tenant has no such conversation.
+pub async fn delete(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "with gone as (
+             delete from conversations where tenant_id = $1 and id = $2 returning id
+         ), announced as (
+             select pg_notify('chatq_job', j.id::text) from jobs j
+             where j.conversation_id in (select id from gone)
+               and j.status in ('queued', 'running')
+         )
+         select (select count(*) from gone) as n, (select count(*) from announced) as a",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    use sqlx::Row;
+    Ok(done.try_get::<i64, _>("n")? == 1)
+}

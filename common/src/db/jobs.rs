@@ -1,0 +1,356 @@
+//! Jobs: submission, claiming, completion, cancellation and recovery. Every
+//! state change is a guarded transition, so a repeated or late call is a
+//! harmless no-op, and announces itself on [`super::JOB_CHANNEL`].
+
+use std::time::Duration;
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::domain::Job;
+
+/// A job to store, queued.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// Job id (uuid v7).
+    pub id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: Uuid,
+    /// Conversation it answers in.
+    pub conversation_id: Uuid,
+    /// Model to call.
+    pub model: &'a str,
+    /// Completion token cap.
+    pub max_tokens: Option<i32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<&'a str>,
+    /// Hash of the request the idempotency key came with.
+    pub request_hash: Option<&'a [u8]>,
+}
+
+/// What a successful LLM call produced.
+#[derive(Debug, Clone)]
+pub struct JobResult<'a> {
+    /// The assistant message to write.
+    pub message_id: Uuid,
+    /// Reply text.
+    pub content: &'a str,
+    /// The LLM's finish reason.
+    pub finish_reason: &'a str,
+    /// Prompt tokens reported.
+    pub prompt_tokens: Option<i32>,
+    /// Completion tokens reported.
+    pub completion_tokens: Option<i32>,
+}
+
+/// Stores a queued job. Violates `jobs_one_active_per_conversation` if the
+/// conversation is busy, `jobs_tenant_idempotency_key` on a key race.
+pub async fn insert(db: impl PgExecutor<'_>, j: &NewJob<'_>) -> sqlx::Result<Job> {
+    sqlx::query_as(
+        "insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
+                           idempotency_key, request_hash)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         returning *",
+    )
+    .bind(j.id)
+    .bind(j.tenant_id)
+    .bind(j.conversation_id)
+    .bind(j.model)
+    .bind(j.max_tokens)
+    .bind(j.temperature)
+    .bind(j.idempotency_key)
+    .bind(j.request_hash)
+    .fetch_one(db)
+    .await
+}
+
+/// The tenant's job with this id.
+pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as("select * from jobs where tenant_id = $1 and id = $2")
+        .bind(tenant_id)
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// The job with this id, whoever owns it (for the worker, which only knows
+/// the id from the queue message).
+pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as("select * from jobs where id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+/// The tenant's job submitted with this idempotency key, with the hash of
+/// the request that created it.
+pub async fn find_by_idempotency_key(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    key: &str,
+) -> sqlx::Result<Option<(Job, Option<Vec<u8>>)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        job: Job,
+        request_hash: Option<Vec<u8>>,
+    }
+    let row: Option<Row> =
+        sqlx::query_as("select * from jobs where tenant_id = $1 and idempotency_key = $2")
+            .bind(tenant_id)
+            .bind(key)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.map(|r| (r.job, r.request_hash)))
+}
+
+/// Records that the broker confirmed a publish of the job.
+pub async fn mark_published(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("update jobs set published_at = now() where id = $1 and published_at is null")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Records confirmed publishes of many jobs at once.
+pub async fn mark_published_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("update jobs set published_at = now() where id = any($1) and published_at is null")
+        .bind(ids)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Removes a job the broker refused (queue full) together with its user
+/// message, as if it had never been submitted. Only an unpublished queued
+/// job can be withdrawn; false if it was not.
+pub async fn withdraw(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
+    let gone: i64 = sqlx::query_scalar(
+        "with gone as (
+             delete from jobs where id = $1 and status = 'queued' and published_at is null
+             returning id
+         ), messages_gone as (
+             delete from messages where job_id in (select id from gone) and role = 'user'
+             returning id
+         )
+         select count(*) from gone",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    Ok(gone == 1)
+}
+
+/// Cancels the tenant's job if it is queued or running; `None` if it was
+/// not (missing or already terminal).
+pub async fn cancel(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "update jobs set status = 'cancelled', finished_at = now(), updated_at = now(),
+                         claim_token = null, lease_expires_at = null
+         where tenant_id = $1 and id = $2 and status in ('queued', 'running')
+         returning *, pg_notify('chatq_job', id::text)::text as notified",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Claims a queued job for one attempt: `running`, one more attempt, owned
+/// by `token` until `lease` passes without a heartbeat. `None` if the job
+/// is not queued (already claimed, terminal, or gone): a redelivered
+/// message can never start a second call.
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "update jobs set status = 'running', attempts = attempts + 1, claim_token = $2,
+                         lease_expires_at = now() + make_interval(secs => $3),
+                         started_at = coalesce(started_at, now()), updated_at = now()
+         where id = $1 and status = 'queued'
+         returning *, pg_notify('chatq_job', id::text)::text as notified",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(db)
+    .await
+}
+
+/// Extends the lease of a claim; false if the claim is no longer held
+/// (cancelled, deleted, or reclaimed after it lapsed).
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set lease_expires_at = now() + make_interval(secs => $3)
+         where id = $1 and claim_token = $2 and status = 'running'",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a claimed job succeeded with its result. Run it in the transaction
+/// that writes the assistant message; false if the claim is no longer held,
+/// in which case the caller rolls back.
+pub async fn succeed(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    r: &JobResult<'_>,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'succeeded', finished_at = now(), updated_at = now(),
+                         result_message_id = $3, result_content = $4, finish_reason = $5,
+                         prompt_tokens = $6, completion_tokens = $7,
+                         claim_token = null, lease_expires_at = null
+         where id = $1 and claim_token = $2 and status = 'running'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(r.message_id)
+    .bind(r.content)
+    .bind(r.finish_reason)
+    .bind(r.prompt_tokens)
+    .bind(r.completion_tokens)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a claimed job failed; false if the claim is no longer held.
+pub async fn fail(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    code: &str,
+    message: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
+                         error_code = $3, error_message = $4,
+                         claim_token = null, lease_expires_at = null
+         where id = $1 and claim_token = $2 and status = 'running'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(code)
+    .bind(message)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a queued job failed without running it (e.g. its conversation
+/// cannot be read); false if it was not queued.
+pub async fn fail_queued(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    code: &str,
+    message: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
+                         error_code = $2, error_message = $3
+         where id = $1 and status = 'queued'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(code)
+    .bind(message)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Returns running jobs whose lease lapsed (their worker died) to `queued`
+/// and unpublished, so the relay publishes them again. Safe in every
+/// replica at once.
+pub async fn requeue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
+                         published_at = null, updated_at = now()
+         where id in (select id from jobs
+                      where status = 'running' and lease_expires_at < now()
+                      order by lease_expires_at
+                      for update skip locked limit $1)
+         returning id",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Locks up to `limit` queued jobs whose publish was never confirmed and
+/// that are older than `grace` (the submitting api is given that long to
+/// publish them itself). Call inside a transaction, publish, then
+/// [`mark_published`] and commit; other replicas skip the locked rows.
+pub async fn lock_unpublished(
+    db: impl PgExecutor<'_>,
+    grace: Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "select id from jobs
+         where status = 'queued' and published_at is null
+           and updated_at < now() - make_interval(secs => $1)
+         order by created_at
+         for update skip locked limit $2",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Job counts for operators.
+#[derive(Debug, Clone)]
+pub struct JobStats {
+    /// Jobs per status (every status present, zero included).
+    pub by_status: Vec<(String, i64)>,
+    /// Age of the oldest queued job, in seconds.
+    pub oldest_queued_age_secs: Option<f64>,
+}
+
+/// Counts jobs by status across all tenants.
+pub async fn stats(db: impl PgExecutor<'_> + Copy) -> sqlx::Result<JobStats> {
+    let by_status: Vec<(String, i64)> = sqlx::query_as(
+        "select s.status, count(j.id)
+         from unnest(array['queued', 'running', 'succeeded', 'failed', 'cancelled']) as s(status)
+         left join jobs j on j.status = s.status
+         group by s.status order by s.status",
+    )
+    .fetch_all(db)
+    .await?;
+    let oldest_queued_age_secs: Option<f64> = sqlx::query_scalar(
+        "select extract(epoch from now() - min(created_at))::float8 from jobs where status = 'queued'",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(JobStats {
+        by_status,
+        oldest_queued_age_secs,
+    })
+}

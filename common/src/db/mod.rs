@@ -1,0 +1,38 @@
+//! The PostgreSQL repository: one module per aggregate. Every query on
+//! tenant-owned data is scoped by `tenant_id`; functions take
+//! `impl PgExecutor` so they work on a pool or inside a transaction.
+
+pub mod conversations;
+pub mod jobs;
+pub mod keys;
+pub mod messages;
+
+/// The LISTEN/NOTIFY channel on which every job state change (and streamed
+/// progress) is announced, with the job id as payload.
+pub const JOB_CHANNEL: &str = "chatq_job";
+
+/// The name of the constraint a database error violated, if any: callers
+/// map named constraints to API errors next to the query.
+pub fn violated_constraint(err: &sqlx::Error) -> Option<&str> {
+    match err {
+        sqlx::Error::Database(db) => db.constraint(),
+        _ => None,
+    }
+}
+
+/// Whether the error means the database could not be reached or did not
+/// answer in time (as opposed to a bug or a constraint).
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+    ) || matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| {
+        // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+        // 08xxx connection exceptions, 53300 too_many_connections.
+        c.starts_with("57P") || c.starts_with("08") || c == "53300"
+    }))
+}

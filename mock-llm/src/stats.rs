@@ -1,0 +1,121 @@
+//! Call counters and the ring buffer of recorded requests.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde_json::{Value, json};
+
+/// Maximum number of request bodies kept by `/_mock/requests`.
+pub(crate) const MAX_RECORDED_REQUESTS: usize = 2_000;
+
+/// Shared counters of the mock.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    in_flight: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    total: u64,
+    by_prompt: HashMap<String, u64>,
+    requests: VecDeque<Value>,
+}
+
+/// Decrements the in-flight counter when dropped.
+#[derive(Debug)]
+pub(crate) struct InFlightGuard(Arc<Stats>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks a request as in flight until the guard is dropped.
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    /// Counts one call, stores its body (if it was JSON) and, if `prompt` is
+    /// given, bumps its per-prompt counter. Returns that counter (0 without prompt).
+    pub(crate) fn record(&self, body: Option<Value>, prompt: Option<&str>) -> u64 {
+        let mut inner = self.lock();
+        inner.total += 1;
+        if let Some(body) = body {
+            if inner.requests.len() >= MAX_RECORDED_REQUESTS {
+                inner.requests.pop_front();
+            }
+            inner.requests.push_back(body);
+        }
+        let Some(prompt) = prompt else { return 0 };
+        if let Some(count) = inner.by_prompt.get_mut(prompt) {
+            *count += 1;
+            *count
+        } else {
+            inner.by_prompt.insert(prompt.to_owned(), 1);
+            1
+        }
+    }
+
+    /// `{"total", "in_flight", "by_prompt"}`.
+    pub(crate) fn snapshot(&self) -> Value {
+        let inner = self.lock();
+        json!({
+            "total": inner.total,
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "by_prompt": inner.by_prompt,
+        })
+    }
+
+    /// `{"data": [...]}` with the recorded request bodies, oldest first.
+    pub(crate) fn requests(&self) -> Value {
+        let data: Vec<Value> = self.lock().requests.iter().cloned().collect();
+        json!({ "data": data })
+    }
+
+    /// Zeroes the counters and forgets recorded requests (in-flight stays live).
+    pub(crate) fn reset(&self) {
+        let mut inner = self.lock();
+        inner.total = 0;
+        inner.by_prompt.clear();
+        inner.requests.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_buffer_drops_oldest() {
+        let stats = Stats::default();
+        for i in 0..(MAX_RECORDED_REQUESTS + 5) {
+            stats.record(Some(json!(i)), None);
+        }
+        let data = stats.requests();
+        let data = data["data"].as_array().expect("array");
+        assert_eq!(data.len(), MAX_RECORDED_REQUESTS);
+        assert_eq!(data[0], json!(5));
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let stats = Arc::new(Stats::default());
+        let g = stats.enter();
+        assert_eq!(stats.snapshot()["in_flight"], 1);
+        drop(g);
+        assert_eq!(stats.snapshot()["in_flight"], 0);
+    }
+}
