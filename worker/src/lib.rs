@@ -1,1 +1,118 @@
+//! `chatq-worker`: consumes chat jobs from RabbitMQ, calls an
+//! OpenAI-compatible LLM and writes the replies to PostgreSQL.
 
+pub mod consumer;
+pub mod llm;
+pub mod prompt;
+pub mod recovery;
+pub mod retry;
+pub mod runner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use chatq_common::config::{AmqpArgs, DbArgs, parse_secs};
+use chatq_common::queue::{Publisher, Topology};
+
+pub use consumer::Stop;
+
+/// `chatq-worker` settings: environment variables, each with a `--flag`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    /// Base URL of any OpenAI-compatible API (…/v1).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "http://127.0.0.1:8090/v1"
+    )]
+    pub openai_base_url: String,
+    /// API key sent as a bearer token to the LLM, if any.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<SecretString>,
+    /// LLM calls in flight per worker process (the prefetch).
+    #[arg(long, env = "CHATQ_WORKER_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: u16,
+    /// LLM attempts per job before it fails.
+    #[arg(long, env = "CHATQ_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Seconds a claimed job stays owned without a heartbeat.
+    #[arg(long = "lease-secs", env = "CHATQ_LEASE_SECS", default_value = "30", value_parser = parse_secs)]
+    pub lease: Duration,
+    /// Seconds in-flight jobs may take to finish after SIGTERM.
+    #[arg(long = "shutdown-grace-secs", env = "CHATQ_SHUTDOWN_GRACE_SECS", default_value = "30", value_parser = parse_secs)]
+    pub shutdown_grace: Duration,
+    /// Seconds one LLM call may take.
+    #[arg(long = "llm-timeout-secs", env = "CHATQ_LLM_TIMEOUT_SECS", default_value = "120", value_parser = parse_secs)]
+    pub llm_timeout: Duration,
+    /// Characters of conversation history sent to the LLM; oldest turns
+    /// are dropped first, the system prompt is always kept.
+    #[arg(long, env = "CHATQ_HISTORY_CHARS", default_value_t = 200_000)]
+    pub history_chars: usize,
+    /// Seconds a queued job may stay unconfirmed before the relay publishes it.
+    #[arg(long = "relay-grace-secs", env = "CHATQ_RELAY_GRACE_SECS", default_value = "10", value_parser = parse_secs)]
+    pub relay_grace: Duration,
+}
+
+/// Runs the worker until `shutdown` (or, with `drain`, until the queue is
+/// empty): consumer, recovery loop, then a graceful drain of in-flight jobs.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    drain: bool,
+) -> anyhow::Result<Stop> {
+    let db = config.db.pool().context("configuring the postgres pool")?;
+    let llm = llm::LlmClient::new(
+        &config.openai_base_url,
+        config.openai_api_key.clone(),
+        config.llm_timeout,
+    )
+    .context("building the LLM client")?;
+    let topology = Topology::new(&config.amqp);
+    let publisher = Publisher::new(&config.amqp);
+    let grace = config.shutdown_grace;
+    let relay_grace = config.relay_grace;
+    let ctx = Arc::new(runner::JobContext {
+        db: db.clone(),
+        llm,
+        config,
+    });
+
+    let stop_recovery = CancellationToken::new();
+    let recovery = tokio::spawn(recovery::run(
+        db,
+        publisher,
+        relay_grace,
+        stop_recovery.clone(),
+    ));
+
+    // After SIGTERM, in-flight jobs get `grace`; then they are abandoned:
+    // their claims are released and their messages requeued.
+    let abandon = CancellationToken::new();
+    let timer = {
+        let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "grace period over; abandoning in-flight jobs"
+            );
+            abandon.cancel();
+        })
+    };
+    let stop = consumer::consume(ctx, topology, TaskTracker::new(), abandon, shutdown, drain).await;
+    timer.abort();
+    stop_recovery.cancel();
+    let _ = recovery.await;
+    tracing::info!(?stop, "worker stopped");
+    Ok(stop)
+}

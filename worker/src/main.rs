@@ -1,1 +1,54 @@
-fn main() {}
+//! `chatq-worker`: run until SIGTERM, or `--drain` to work the queue until
+//! it is empty and exit.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use chatq_worker::WorkerConfig;
+
+/// chatq's worker.
+#[derive(Debug, Parser)]
+#[command(name = "chatq-worker", version, about)]
+struct Cli {
+    /// Work the queue until it is empty, then exit 0.
+    #[arg(long)]
+    drain: bool,
+    #[command(flatten)]
+    config: WorkerConfig,
+}
+
+#[tokio::main]
+async fn main() {
+    chatq_common::telemetry::init();
+    if let Err(err) = try_main().await {
+        tracing::error!("{err:?}");
+        std::process::exit(1);
+    }
+}
+
+async fn try_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // reqwest is built without a default TLS provider: install ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    println!("chatq-worker started");
+    chatq_worker::run(cli.config, shutdown, cli.drain).await?;
+    Ok(())
+}
+
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: no new jobs, finishing in-flight ones");
+    shutdown.cancel();
+}

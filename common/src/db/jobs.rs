@@ -354,3 +354,41 @@ pub async fn stats(db: impl PgExecutor<'_> + Copy) -> sqlx::Result<JobStats> {
         oldest_queued_age_secs,
     })
 }
+
+/// Counts one more LLM attempt of a claimed job (an in-process retry);
+/// false if the claim is no longer held.
+pub async fn bump_attempt(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set attempts = attempts + 1, updated_at = now(),
+                         lease_expires_at = now() + make_interval(secs => $3)
+         where id = $1 and claim_token = $2 and status = 'running'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives a claimed job back to the queue unfinished (worker shutting down);
+/// the attempt it had started does not count. False if the claim is gone.
+pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'queued', attempts = greatest(attempts - 1, 0),
+                         claim_token = null, lease_expires_at = null, updated_at = now()
+         where id = $1 and claim_token = $2 and status = 'running'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(token)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

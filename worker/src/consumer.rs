@@ -1,0 +1,201 @@
+//! The consumer: one channel with prefetch = concurrency, a task per
+//! delivery, acks on the delivering channel after the job's commit, and a
+//! reconnect loop that re-declares the topology and re-creates the
+//! consumer (prefetch included) whenever the broker comes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use chatq_common::domain::QueueMessage;
+use chatq_common::queue::{self, JOB_ID_HEADER, Topology, timed};
+
+use crate::runner::{JobContext, Outcome, run_job};
+
+/// Longest pause between reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// How often `--drain` checks whether the queue is empty.
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why consuming stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Shutdown was requested.
+    Shutdown,
+    /// `--drain` found the queue empty and nothing in flight.
+    Drained,
+}
+
+/// Consumes until `shutdown` (or, with `drain`, until the queue is empty),
+/// spawning each job on `tracker`.
+pub async fn consume(
+    ctx: Arc<JobContext>,
+    topology: Topology,
+    tracker: TaskTracker,
+    abandon: CancellationToken,
+    shutdown: CancellationToken,
+    drain: bool,
+) -> Stop {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return Stop::Shutdown;
+        }
+        match consume_once(&ctx, &topology, &tracker, &abandon, &shutdown, drain).await {
+            Ok(stop) => return stop,
+            Err(err) => {
+                tracing::warn!(error = %err, "consumer lost its broker connection; reconnecting")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Stop::Shutdown,
+        }
+        delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+    }
+}
+
+async fn consume_once(
+    ctx: &Arc<JobContext>,
+    topology: &Topology,
+    tracker: &TaskTracker,
+    abandon: &CancellationToken,
+    shutdown: &CancellationToken,
+    drain: bool,
+) -> Result<Stop, queue::QueueError> {
+    let conn = queue::connect(&ctx.config.amqp.amqp_url).await?;
+    let prefetch = ctx.config.concurrency;
+    let channel = queue::open_consumer_channel(&conn, topology, prefetch).await?;
+    let tag = format!("chatq-worker-{}", Uuid::new_v4());
+    let mut consumer = timed(channel.basic_consume(
+        topology.work_queue.as_str().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await?;
+    tracing::info!(queue = %topology.work_queue, prefetch, "consuming");
+    let mut drain_tick = tokio::time::interval(DRAIN_CHECK_INTERVAL);
+    let mut empty_checks = 0;
+    let stop = loop {
+        tokio::select! {
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tracker.spawn(handle_delivery(ctx.clone(), delivery, abandon.clone()));
+                }
+                Some(Err(err)) => return Err(err.into()),
+                None => return Err(queue::QueueError::Unavailable("consumer cancelled by the broker".into())),
+            },
+            () = shutdown.cancelled() => break Stop::Shutdown,
+            _ = drain_tick.tick(), if drain => {
+                let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                let ready = timed(channel.queue_declare(topology.work_queue.as_str().into(), passive, FieldTable::default()))
+                    .await?
+                    .message_count();
+                // Two empty looks in a row with nothing in flight: done.
+                empty_checks = if ready == 0 && tracker.is_empty() { empty_checks + 1 } else { 0 };
+                if empty_checks >= 2 {
+                    break Stop::Drained;
+                }
+            }
+        }
+    };
+    // Stop taking new messages; in-flight jobs keep their channel to ack on.
+    if let Err(err) =
+        timed(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await
+    {
+        tracing::warn!(error = %err, "could not cancel the consumer");
+    }
+    tracing::info!(in_flight = tracker.len(), "stopped consuming");
+    // The connection must outlive the in-flight jobs, which ack on it.
+    let conn_holder = conn;
+    tracker.close();
+    tracker.wait().await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn_holder.close(200, "worker stopping".into()),
+    )
+    .await;
+    Ok(stop)
+}
+
+fn header_job_id(delivery: &Delivery) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(JOB_ID_HEADER)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: CancellationToken) {
+    let message: QueueMessage = match serde_json::from_slice(&delivery.data) {
+        Ok(m) => m,
+        Err(err) => {
+            tracing::warn!(error = %err, header_job_id = ?header_job_id(&delivery), "unparseable message; dead-lettering");
+            settle(&delivery, Settle::DeadLetter).await;
+            return;
+        }
+    };
+    let id = message.job_id();
+    let span = tracing::info_span!("job", job_id = %id, job.attempt = tracing::field::Empty);
+    async {
+        let settle_as = match run_job(&ctx, id, &abandon).await {
+            Ok(Outcome::Done) => Settle::Ack,
+            Ok(Outcome::UnknownJob) => {
+                tracing::warn!("message names no job; dead-lettering");
+                Settle::DeadLetter
+            }
+            Ok(Outcome::Released) => Settle::Requeue,
+            Err(err) => {
+                // The database stayed away past the retry budget: requeue; the
+                // lease (if claimed) lapses and recovery takes the job over.
+                tracing::error!(error = %err, "job could not be handled; requeueing");
+                Settle::Requeue
+            }
+        };
+        settle(&delivery, settle_as).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack,
+    Requeue,
+    DeadLetter,
+}
+
+async fn settle(delivery: &Delivery, how: Settle) {
+    let result = match how {
+        Settle::Ack => timed(delivery.acker.ack(BasicAckOptions::default())).await,
+        Settle::Requeue => {
+            timed(delivery.acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            }))
+            .await
+        }
+        Settle::DeadLetter => {
+            timed(delivery.acker.nack(BasicNackOptions {
+                requeue: false,
+                ..Default::default()
+            }))
+            .await
+        }
+    };
+    if let Err(err) = result {
+        // The broker redelivers an unsettled message; the claim makes that harmless.
+        tracing::warn!(error = %err, ?how, "could not settle the message");
+    }
+}

@@ -1,0 +1,266 @@
+//! Runs one job: claim it (a guarded transition), build the prompt, call
+//! the LLM (with heartbeats and in-process retries), then write the
+//! assistant message and the terminal state in one transaction. No
+//! database connection is held across the LLM call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use chatq_common::db::{self, conversations, jobs, messages};
+use chatq_common::domain::{Job, Role, new_id};
+
+use crate::llm::{ChatRequest, Completion, LlmClient, LlmError};
+use crate::{WorkerConfig, prompt, retry};
+
+/// Everything a job needs, shared by all of a process's jobs.
+pub struct JobContext {
+    /// PostgreSQL pool.
+    pub db: PgPool,
+    /// The LLM client.
+    pub llm: LlmClient,
+    /// Settings.
+    pub config: WorkerConfig,
+}
+
+/// How handling a message ended, which decides its ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job reached a terminal state (or already had one, or is owned
+    /// by a live worker): ack.
+    Done,
+    /// No such job: a poison message, dead-letter it.
+    UnknownJob,
+    /// Shutting down: the claim was given back; requeue the message.
+    Released,
+}
+
+/// Longest total wait for the database to come back mid-job.
+const DB_RETRY_BUDGET: Duration = Duration::from_secs(120);
+
+/// Runs `op` until it succeeds, retrying while the database is unreachable
+/// (with a capped exponential pause), for at most [`DB_RETRY_BUDGET`].
+pub async fn with_db_retry<T, F, Fut>(what: &str, mut op: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Err(err) if db::is_unavailable(&err) && started.elapsed() < DB_RETRY_BUDGET => {
+                tracing::warn!(error = %err, what, "database unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Handles the job `id` from the queue.
+pub async fn run_job(
+    ctx: &Arc<JobContext>,
+    id: Uuid,
+    abandon: &CancellationToken,
+) -> sqlx::Result<Outcome> {
+    let token = Uuid::new_v4();
+    let lease = ctx.config.lease;
+    let claimed = with_db_retry("claim", || jobs::claim(&ctx.db, id, token, lease)).await?;
+    let Some(job) = claimed else {
+        let existing = with_db_retry("read job", || jobs::get_any(&ctx.db, id)).await?;
+        return Ok(match existing {
+            None => Outcome::UnknownJob,
+            Some(j) => {
+                tracing::info!(job_id = %id, status = ?j.status, "not queued; skipping duplicate delivery");
+                Outcome::Done
+            }
+        });
+    };
+    tracing::Span::current().record("job.attempt", job.attempts);
+    let request = match load_request(ctx, &job).await? {
+        Some(r) => r,
+        None => return Ok(Outcome::Done),
+    };
+
+    // Heartbeat: keeps the lease while the call runs; stops the call if the
+    // claim is lost (cancelled, conversation deleted, reclaimed).
+    let lost = CancellationToken::new();
+    let heartbeat = tokio::spawn(
+        heartbeat(ctx.db.clone(), id, token, lease, lost.clone())
+            .instrument(tracing::Span::current()),
+    );
+    let called = call_with_retries(ctx, &job, token, &request, &lost, abandon).await;
+    heartbeat.abort();
+
+    match called {
+        Call::Lost => {
+            tracing::info!(job_id = %id, "claim lost (cancelled or reclaimed); result discarded");
+            Ok(Outcome::Done)
+        }
+        Call::Abandoned => {
+            with_db_retry("release", || jobs::release(&ctx.db, id, token)).await?;
+            tracing::info!(job_id = %id, "released unfinished job back to the queue");
+            Ok(Outcome::Released)
+        }
+        Call::Finished(Ok(completion)) => {
+            let message_id = new_id();
+            let written = with_db_retry("write result", || {
+                write_success(&ctx.db, &job, token, message_id, &completion)
+            })
+            .await?;
+            if written {
+                tracing::info!(job_id = %id, "job succeeded");
+            } else {
+                tracing::info!(job_id = %id, "claim lost before the result was written; discarded");
+            }
+            Ok(Outcome::Done)
+        }
+        Call::Finished(Err(err)) => {
+            let failed = with_db_retry("mark failed", || {
+                jobs::fail(&ctx.db, id, token, err.code(), err.message())
+            })
+            .await?;
+            if failed {
+                tracing::warn!(job_id = %id, code = err.code(), "job failed");
+            }
+            Ok(Outcome::Done)
+        }
+    }
+}
+
+async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRequest>> {
+    let conversation = with_db_retry("read conversation", || {
+        conversations::get(&ctx.db, job.tenant_id, job.conversation_id)
+    })
+    .await?;
+    // The conversation was deleted after the claim: its jobs went with it.
+    let Some(conversation) = conversation else {
+        return Ok(None);
+    };
+    let history = with_db_retry("read history", || {
+        messages::history(&ctx.db, job.tenant_id, job.conversation_id)
+    })
+    .await?;
+    Ok(Some(ChatRequest {
+        model: job.model.clone(),
+        messages: prompt::build(
+            conversation.system_prompt.as_deref(),
+            history,
+            ctx.config.history_chars,
+        ),
+        max_tokens: job.max_tokens,
+        temperature: job.temperature,
+    }))
+}
+
+enum Call {
+    Finished(Result<Completion, LlmError>),
+    Lost,
+    Abandoned,
+}
+
+async fn call_with_retries(
+    ctx: &JobContext,
+    job: &Job,
+    token: Uuid,
+    request: &ChatRequest,
+    lost: &CancellationToken,
+    abandon: &CancellationToken,
+) -> Call {
+    let max_attempts = ctx.config.max_attempts.max(1);
+    let mut attempt = u32::try_from(job.attempts).unwrap_or(1);
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            r = ctx.llm.complete(request) => r,
+            () = lost.cancelled() => return Call::Lost,
+            () = abandon.cancelled() => return Call::Abandoned,
+        };
+        let latency_ms = started.elapsed().as_millis();
+        let err = match result {
+            Ok(c) => {
+                tracing::info!(llm.latency_ms = latency_ms, attempt, "LLM call succeeded");
+                return Call::Finished(Ok(c));
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(llm.latency_ms = latency_ms, attempt, error = %err, "LLM call failed");
+        let LlmError::Retryable { retry_after, .. } = &err else {
+            return Call::Finished(Err(err));
+        };
+        if attempt >= max_attempts {
+            return Call::Finished(Err(err));
+        }
+        let pause = retry::delay(attempt, *retry_after);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = lost.cancelled() => return Call::Lost,
+            () = abandon.cancelled() => return Call::Abandoned,
+        }
+        match jobs::bump_attempt(&ctx.db, job.id, token, ctx.config.lease).await {
+            Ok(true) => attempt += 1,
+            Ok(false) => return Call::Lost,
+            // The heartbeat keeps the claim; count the attempt locally.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the retry attempt");
+                attempt += 1;
+            }
+        }
+    }
+}
+
+async fn heartbeat(db: PgPool, id: Uuid, token: Uuid, lease: Duration, lost: CancellationToken) {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match jobs::heartbeat(&db, id, token, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.cancel();
+                return;
+            }
+            // Keep trying: the lease outlives a few missed beats.
+            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+    }
+}
+
+async fn write_success(
+    db: &PgPool,
+    job: &Job,
+    token: Uuid,
+    message_id: Uuid,
+    c: &Completion,
+) -> sqlx::Result<bool> {
+    let mut tx = db.begin().await?;
+    let message = messages::NewMessage {
+        id: message_id,
+        tenant_id: job.tenant_id,
+        conversation_id: job.conversation_id,
+        role: Role::Assistant,
+        content: &c.content,
+        job_id: Some(job.id),
+    };
+    let result = jobs::JobResult {
+        message_id,
+        content: &c.content,
+        finish_reason: &c.finish_reason,
+        prompt_tokens: c.prompt_tokens,
+        completion_tokens: c.completion_tokens,
+    };
+    // Claim first: if it is gone, nothing is written (and no unique
+    // violation on the assistant message can happen for a finished job).
+    if !jobs::succeed(&mut *tx, job.id, token, &result).await? {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    messages::insert(&mut *tx, &message).await?;
+    tx.commit().await?;
+    Ok(true)
+}
