@@ -1,1 +1,357 @@
+//! The end-to-end test harness: each test gets its own PostgreSQL database
+//! and RabbitMQ queue prefix, and starts the real `chatq-api`,
+//! `chatq-worker` and `chatq-mock-llm` binaries as processes on free ports.
+//! Tests need the real PostgreSQL and RabbitMQ and fail loudly without them.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, as
+//! `scripts/test.sh` does).
 
+pub mod client;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub use client::{Api, Response};
+
+/// The PostgreSQL server tests create their databases on.
+pub fn pg_base_url() -> String {
+    std::env::var("CHATQ_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// The RabbitMQ server tests use.
+pub fn amqp_url() -> String {
+    std::env::var("CHATQ_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The admin token every test api is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Where the workspace's binaries are (next to the test executable's `deps/`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Installs the TLS provider reqwest needs (once per process).
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// How a test environment is started.
+#[derive(Debug, Clone)]
+pub struct EnvOptions {
+    /// Worker processes to start.
+    pub workers: usize,
+    /// Extra environment for the mock LLM.
+    pub mock_env: Vec<(String, String)>,
+    /// Extra environment for the workers.
+    pub worker_env: Vec<(String, String)>,
+    /// Extra environment for the api.
+    pub api_env: Vec<(String, String)>,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            mock_env: vec![],
+            worker_env: vec![],
+            api_env: vec![],
+        }
+    }
+}
+
+/// One test's private chatq deployment.
+pub struct TestEnv {
+    /// This test's database name.
+    pub db_name: String,
+    /// URL of this test's database.
+    pub db_url: String,
+    /// A pool on this test's database, for asserting end states.
+    pub db: PgPool,
+    /// This test's queue prefix.
+    pub prefix: String,
+    /// Base URL of the mock LLM (without `/v1`).
+    pub mock_url: String,
+    /// The api client.
+    pub api: Api,
+    api_proc: Child,
+    mock_proc: Child,
+    workers: Vec<Child>,
+    worker_env: Vec<(String, String)>,
+    cleaned: bool,
+}
+
+async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not start within 30 s"))??
+        .with_context(|| format!("{what} exited before listening"))?;
+    let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
+    if !url.starts_with("http://") {
+        bail!("{what} printed an unexpected first line: {line}");
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(url)
+}
+
+fn command(name: &str, envs: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(bin_path(name));
+    cmd.envs(envs.iter().cloned())
+        .env(
+            "RUST_LOG",
+            std::env::var("CHATQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    cmd
+}
+
+impl TestEnv {
+    /// Starts a fresh deployment: database, mock LLM, api, workers.
+    pub async fn start(opts: EnvOptions) -> anyhow::Result<Self> {
+        init_tls();
+        let id = Uuid::new_v4().simple().to_string();
+        let db_name = format!("chatq_test_{}", &id[..16]);
+        let admin = PgPool::connect(&format!("{}/postgres", pg_base_url()))
+            .await
+            .context("connecting to PostgreSQL on 127.0.0.1:5432 (is it running?)")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let db_url = format!("{}/{db_name}", pg_base_url());
+        let prefix = format!("test_{}", &id[..12]);
+
+        let mut mock_env = vec![("CHATQ_MOCK_ADDR".to_owned(), "127.0.0.1:0".to_owned())];
+        mock_env.extend(opts.mock_env.iter().cloned());
+        let mut mock_proc = command("chatq-mock-llm", &mock_env)
+            .spawn()
+            .context("starting chatq-mock-llm")?;
+        let mock_url = read_listen_line(&mut mock_proc, "chatq-mock-llm").await?;
+
+        let common = vec![
+            ("DATABASE_URL".to_owned(), db_url.clone()),
+            ("AMQP_URL".to_owned(), amqp_url()),
+            ("CHATQ_QUEUE_PREFIX".to_owned(), prefix.clone()),
+        ];
+        let mut api_env = common.clone();
+        api_env.push(("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()));
+        api_env.push(("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
+        api_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        api_env.extend(opts.api_env.iter().cloned());
+        let mut api_proc = command("chatq-api", &api_env)
+            .spawn()
+            .context("starting chatq-api")?;
+        let api_url = read_listen_line(&mut api_proc, "chatq-api").await?;
+
+        let mut worker_env = common;
+        worker_env.push(("OPENAI_BASE_URL".into(), format!("{mock_url}/v1")));
+        worker_env.push(("CHATQ_RELAY_GRACE_SECS".into(), "2".into()));
+        worker_env.extend(opts.worker_env.iter().cloned());
+
+        let db = PgPool::connect(&db_url).await?;
+        let mut env = Self {
+            db_name,
+            db_url,
+            db,
+            prefix,
+            mock_url,
+            api: Api::new(api_url),
+            api_proc,
+            mock_proc,
+            workers: vec![],
+            worker_env,
+            cleaned: false,
+        };
+        for _ in 0..opts.workers {
+            env.start_worker(&[]).await?;
+        }
+        env.api.wait_ready().await?;
+        Ok(env)
+    }
+
+    /// Starts one more worker process, with extra environment.
+    pub async fn start_worker(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let mut envs = self.worker_env.clone();
+        envs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let child = command("chatq-worker", &envs)
+            .spawn()
+            .context("starting chatq-worker")?;
+        self.workers.push(child);
+        Ok(self.workers.len() - 1)
+    }
+
+    /// The worker process `i`.
+    pub fn worker(&mut self, i: usize) -> &mut Child {
+        &mut self.workers[i]
+    }
+
+    /// Creates an API key for `tenant`, returning (key id, key).
+    pub async fn create_key(&self, tenant: &str) -> anyhow::Result<(String, String)> {
+        let r = self
+            .api
+            .admin_post("/admin/v1/api-keys", &serde_json::json!({"tenant": tenant}))
+            .await?;
+        if r.status != 201 {
+            bail!("creating a key answered {}: {}", r.status, r.body);
+        }
+        Ok((r.str("id"), r.str("key")))
+    }
+
+    /// Mock LLM counters: `{"total", "in_flight", "by_prompt"}`.
+    pub async fn mock_stats(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .api
+            .http
+            .get(format!("{}/_mock/stats", self.mock_url))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// The request bodies the mock LLM received, oldest first.
+    pub async fn mock_requests(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let v: serde_json::Value = self
+            .api
+            .http
+            .get(format!("{}/_mock/requests", self.mock_url))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(v["data"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Stops everything and removes the database and queues. Also done
+    /// (blocking) on drop, so a failed test cleans up too.
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
+        self.db.close().await;
+        cleanup(
+            self.take_children(),
+            self.db_name.clone(),
+            self.prefix.clone(),
+        )
+        .await;
+    }
+
+    fn take_children(&mut self) -> Vec<Child> {
+        let mut all = std::mem::take(&mut self.workers);
+        all.push(std::mem::replace(&mut self.api_proc, dummy_child()));
+        all.push(std::mem::replace(&mut self.mock_proc, dummy_child()));
+        all
+    }
+}
+
+fn dummy_child() -> Child {
+    Command::new("true")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("`true` runs")
+}
+
+async fn cleanup(children: Vec<Child>, db_name: String, prefix: String) {
+    for mut c in children {
+        let _ = c.kill().await;
+    }
+    if let Ok(admin) = PgPool::connect(&format!("{}/postgres", pg_base_url())).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {db_name} with (force)"
+        )))
+        .execute(&admin)
+        .await;
+    }
+    if let Ok(conn) =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in ["work", "dead", "retry"] {
+            let _ = ch
+                .queue_delete(
+                    format!("{prefix}.{q}").as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(
+                format!("{prefix}.dlx").as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = conn.close(200, "test done".into()).await;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let children = self.take_children();
+        let (db_name, prefix) = (self.db_name.clone(), self.prefix.clone());
+        // Drop may run inside a runtime (or while unwinding): clean up on a
+        // thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(cleanup(children, db_name, prefix));
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, failing after `deadline`.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
