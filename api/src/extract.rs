@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
@@ -22,7 +23,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_json_bytes(req, state, false).await?;
+        let bytes = read_json_bytes(req, false, state.config.max_body_bytes).await?;
         parse(&bytes).map(Self)
     }
 }
@@ -31,7 +32,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_json_bytes(req, state, true).await?;
+        let bytes = read_json_bytes(req, true, state.config.max_body_bytes).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return parse(b"{}").map(Self);
         }
@@ -39,40 +40,48 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJsonBody<T> {
     }
 }
 
-async fn read_json_bytes(
-    req: Request,
-    state: &AppState,
-    allow_empty: bool,
-) -> Result<Bytes, ApiError> {
-    let limit = state.config.max_body_bytes;
-    let declared_len = req
-        .headers()
+/// Past the body limit, up to this many bytes are still read (and thrown
+/// away) so the client can finish sending and read our 413; a client that
+/// sends more gets the connection closed instead.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+async fn read_json_bytes(req: Request, allow_empty: bool, limit: usize) -> Result<Bytes, ApiError> {
+    let (parts, body) = req.into_parts();
+    let declared_len = parts
+        .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared_len.is_some_and(|n| n > limit) {
+    let mut too_large = declared_len.is_some_and(|n| n > limit);
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|err| ApiError::invalid(format!("could not read the request body: {err}")))?;
+        seen = seen.saturating_add(chunk.len());
+        too_large |= seen > limit;
+        if too_large {
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if too_large {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let is_json = req
-        .headers()
+    let is_json = parts
+        .headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(is_json_content_type);
-    let may_be_empty = allow_empty && declared_len.is_none_or(|n| n == 0);
-    if !is_json && !may_be_empty {
+    let is_empty = buf.iter().all(u8::is_ascii_whitespace);
+    if !is_json && !(allow_empty && is_empty) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-        if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::invalid(format!("could not read the request body: {rejection}"))
-        }
-    })?;
-    if !is_json && !bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    Ok(bytes)
+    Ok(Bytes::from(buf))
 }
 
 fn is_json_content_type(value: &str) -> bool {

@@ -86,9 +86,10 @@ impl AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.config.max_body_bytes;
     routes::router()
-        .layer(DefaultBodyLimit::max(body_limit))
+        // The JSON extractor enforces CHATQ_MAX_BODY_BYTES itself, draining
+        // what it refuses so clients can read the 413.
+        .layer(DefaultBodyLimit::disable())
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()
