@@ -78,7 +78,7 @@ async fn read_json_bytes(req: Request, allow_empty: bool, limit: usize) -> Resul
         .and_then(|v| v.to_str().ok())
         .is_some_and(is_json_content_type);
     let is_empty = buf.iter().all(u8::is_ascii_whitespace);
-    if !is_json && !(allow_empty && is_empty) {
+    if !(is_json || (allow_empty && is_empty)) {
         return Err(ApiError::UnsupportedMediaType);
     }
     Ok(Bytes::from(buf))

@@ -5,6 +5,9 @@ use chatq_tests::{ADMIN_TOKEN, EnvOptions, TestEnv};
 use reqwest::Method;
 use serde_json::json;
 
+/// (method, path, body with content type, expected status, expected code)
+type Case<'a> = (Method, String, Option<(&'a str, Vec<u8>)>, u16, &'a str);
+
 async fn row_counts(env: &TestEnv) -> anyhow::Result<(i64, i64, i64)> {
     let c: i64 = sqlx::query_scalar("select count(*) from conversations")
         .fetch_one(&env.db)
@@ -34,7 +37,7 @@ async fn malformed_input_is_rejected_with_the_documented_status_and_changes_noth
     let json_ct = "application/json";
 
     // (method, path, body, expected status, expected code)
-    let cases: Vec<(Method, String, Option<(&str, Vec<u8>)>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             Method::POST,
             submit.clone(),

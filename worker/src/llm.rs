@@ -121,6 +121,8 @@ impl LlmClient {
             .pool_max_idle_per_host(4096)
             .build()?;
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        // An empty OPENAI_API_KEY (as compose files often pass) means none.
+        let api_key = api_key.filter(|k| !k.expose_secret().is_empty());
         Ok(Self { http, url, api_key })
     }
 
