@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod publish;
+pub mod replay;
 pub mod routes;
 pub mod views;
 pub mod watch;

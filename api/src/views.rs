@@ -17,6 +17,8 @@ pub struct JobView {
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    /// Why earlier attempts failed: `[{attempt, code, message, at}]`.
+    attempt_errors: serde_json::Value,
     /// Present only when `succeeded`.
     #[serde(skip_serializing_if = "Option::is_none")]
     result: Option<JobResultView>,
@@ -75,6 +77,7 @@ impl From<Job> for JobView {
             created_at: j.created_at,
             started_at: j.started_at,
             finished_at: j.finished_at,
+            attempt_errors: j.attempt_errors,
             result,
             error,
         }

@@ -77,6 +77,8 @@ pub struct Job {
     pub error_code: Option<String>,
     /// Human-readable error on failure.
     pub error_message: Option<String>,
+    /// Why earlier attempts failed: `[{attempt, code, message, at}]`.
+    pub attempt_errors: serde_json::Value,
     /// When the job was submitted.
     pub created_at: DateTime<Utc>,
     /// When the first attempt started.

@@ -7,6 +7,7 @@
 //! `scripts/test.sh` does).
 
 pub mod client;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -197,6 +198,15 @@ impl TestEnv {
 
     /// Starts one more worker process, with extra environment.
     pub async fn start_worker(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
+        self.start_worker_with_args(&[], extra).await
+    }
+
+    /// Starts one more worker process with arguments and extra environment.
+    pub async fn start_worker_with_args(
+        &mut self,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<usize> {
         let mut envs = self.worker_env.clone();
         envs.extend(
             extra
@@ -204,10 +214,114 @@ impl TestEnv {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
         let child = command("chatq-worker", &envs)
+            .args(args)
             .spawn()
             .context("starting chatq-worker")?;
         self.workers.push(child);
         Ok(self.workers.len() - 1)
+    }
+
+    /// Sends a signal (`"TERM"`, `"KILL"`) to worker `i`.
+    pub async fn signal_worker(&mut self, i: usize, signal: &str) -> anyhow::Result<()> {
+        let pid = self.workers[i].id().context("worker already exited")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
+    /// Waits for worker `i` to exit, returning its exit code.
+    pub async fn wait_worker(
+        &mut self,
+        i: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(deadline, self.workers[i].wait())
+            .await
+            .with_context(|| format!("worker {i} still running after {deadline:?}"))??;
+        Ok(status.code())
+    }
+
+    /// The name of one of this test's queues (`work`, `dead`).
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    /// Publishes raw bytes straight to the work queue, as a broken or
+    /// duplicating publisher would.
+    pub async fn publish_raw(&self, body: &[u8]) -> anyhow::Result<()> {
+        let conn =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
+        let props = lapin::BasicProperties::default().with_delivery_mode(2);
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                self.queue("work").as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "the broker refused the raw publish");
+        conn.close(200, "done".into()).await?;
+        Ok(())
+    }
+
+    /// Messages ready in one of this test's queues.
+    pub async fn queue_depth(&self, name: &str) -> anyhow::Result<u32> {
+        let conn =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                self.queue(name).as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        conn.close(200, "done".into()).await?;
+        Ok(q.message_count())
+    }
+
+    /// Counts of jobs in PostgreSQL by status, and assistant messages per job.
+    pub async fn job_summary(&self) -> anyhow::Result<JobSummary> {
+        let by_status: Vec<(String, i64)> =
+            sqlx::query_as("select status, count(*) from jobs group by status order by status")
+                .fetch_all(&self.db)
+                .await?;
+        let max_replies: Option<i64> = sqlx::query_scalar(
+            "select max(n) from (select count(*) as n from messages where role = 'assistant' group by job_id) t",
+        )
+        .fetch_one(&self.db)
+        .await?;
+        let orphan_replies: i64 = sqlx::query_scalar(
+            "select count(*) from messages m where role = 'assistant'
+             and not exists (select 1 from jobs j where j.id = m.job_id and j.status = 'succeeded')",
+        )
+        .fetch_one(&self.db)
+        .await?;
+        let succeeded_without_reply: i64 = sqlx::query_scalar(
+            "select count(*) from jobs j where status = 'succeeded'
+             and not exists (select 1 from messages m where m.job_id = j.id and m.role = 'assistant')",
+        )
+        .fetch_one(&self.db)
+        .await?;
+        Ok(JobSummary {
+            by_status,
+            max_replies_per_job: max_replies.unwrap_or(0),
+            orphan_replies,
+            succeeded_without_reply,
+        })
     }
 
     /// The worker process `i`.
@@ -318,7 +432,11 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
-        let children = self.take_children();
+        // Kill without awaiting: the runtime that reaps these children may
+        // be the one unwinding right now.
+        for mut child in self.take_children() {
+            let _ = child.start_kill();
+        }
         let (db_name, prefix) = (self.db_name.clone(), self.prefix.clone());
         // Drop may run inside a runtime (or while unwinding): clean up on a
         // thread with a runtime of its own.
@@ -327,10 +445,51 @@ impl Drop for TestEnv {
                 .enable_all()
                 .build()
             {
-                rt.block_on(cleanup(children, db_name, prefix));
+                rt.block_on(cleanup(Vec::new(), db_name, prefix));
             }
         })
         .join();
+    }
+}
+
+/// Job end states in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSummary {
+    /// (status, count), sorted by status.
+    pub by_status: Vec<(String, i64)>,
+    /// The most assistant messages any one job has (1 is right).
+    pub max_replies_per_job: i64,
+    /// Assistant messages whose job is not `succeeded` (0 is right).
+    pub orphan_replies: i64,
+    /// Succeeded jobs without an assistant message (0 is right).
+    pub succeeded_without_reply: i64,
+}
+
+impl JobSummary {
+    /// How many jobs have `status`.
+    pub fn count(&self, status: &str) -> i64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Asserts every job succeeded with exactly one reply.
+    pub fn assert_all_succeeded_once(&self, expected: i64) {
+        assert_eq!(
+            self.by_status,
+            vec![("succeeded".to_owned(), expected)],
+            "every accepted job succeeded: {self:?}"
+        );
+        assert_eq!(
+            self.max_replies_per_job, 1,
+            "one assistant message per job: {self:?}"
+        );
+        assert_eq!(
+            (self.orphan_replies, self.succeeded_without_reply),
+            (0, 0),
+            "{self:?}"
+        );
     }
 }
 

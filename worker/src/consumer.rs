@@ -156,6 +156,7 @@ async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: Canc
                 Settle::DeadLetter
             }
             Ok(Outcome::Released) => Settle::Requeue,
+            Ok(Outcome::Failed) => Settle::DeadLetter,
             Err(err) => {
                 // The database stayed away past the retry budget: requeue; the
                 // lease (if claimed) lapses and recovery takes the job over.

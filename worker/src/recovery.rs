@@ -35,6 +35,7 @@ pub async fn run(
 }
 
 async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyhow::Result<()> {
+    chatq_common::db::rate_limits::prune(db).await?;
     let requeued = jobs::requeue_expired(db, BATCH).await?;
     if !requeued.is_empty() {
         tracing::warn!(

@@ -37,6 +37,9 @@ pub enum Outcome {
     UnknownJob,
     /// Shutting down: the claim was given back; requeue the message.
     Released,
+    /// The job failed for good: dead-letter the message for inspection and
+    /// replay.
+    Failed,
 }
 
 /// Longest total wait for the database to come back mid-job.
@@ -128,8 +131,10 @@ pub async fn run_job(
             .await?;
             if failed {
                 tracing::warn!(job_id = %id, code = err.code(), "job failed");
+                Ok(Outcome::Failed)
+            } else {
+                Ok(Outcome::Done)
             }
-            Ok(Outcome::Done)
         }
     }
 }
@@ -203,7 +208,16 @@ async fn call_with_retries(
             () = lost.cancelled() => return Call::Lost,
             () = abandon.cancelled() => return Call::Abandoned,
         }
-        match jobs::bump_attempt(&ctx.db, job.id, token, ctx.config.lease).await {
+        match jobs::retry_attempt(
+            &ctx.db,
+            job.id,
+            token,
+            ctx.config.lease,
+            err.code(),
+            err.message(),
+        )
+        .await
+        {
             Ok(true) => attempt += 1,
             Ok(false) => return Call::Lost,
             // The heartbeat keeps the claim; count the attempt locally.

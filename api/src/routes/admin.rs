@@ -13,7 +13,7 @@ use chatq_common::domain::new_id;
 use crate::AppState;
 use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{IdPath, JsonBody};
+use crate::extract::{IdPath, JsonBody, OptionalJsonBody};
 
 /// Longest tenant name.
 const MAX_TENANT_CHARS: usize = 200;
@@ -99,4 +99,34 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<i
         "jobs_by_status": by_status,
         "oldest_queued_age_secs": stats.oldest_queued_age_secs,
     })))
+}
+
+/// Most dead letters replayed by one call.
+const MAX_REPLAY: i64 = 10_000;
+
+/// Body of `POST /admin/v1/dead-letters/replay`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    limit: Option<i64>,
+}
+
+/// `POST /admin/v1/dead-letters/replay` → `{"replayed": n}`: failed jobs
+/// whose messages were dead-lettered go back to `queued` with a fresh
+/// attempt budget and are published again. Messages that name no job, or a
+/// job that is no longer failed, are discarded; a job whose conversation is
+/// busy again stays in the dead-letter queue.
+pub async fn replay_dead_letters(
+    State(state): State<AppState>,
+    _admin: Admin,
+    OptionalJsonBody(body): OptionalJsonBody<ReplayBody>,
+) -> ApiResult<impl IntoResponse> {
+    let limit = body.limit.unwrap_or(100);
+    if !(1..=MAX_REPLAY).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit: must be an integer from 1 to {MAX_REPLAY}"
+        )));
+    }
+    let replayed = crate::replay::replay(&state, limit).await?;
+    Ok(Json(json!({"replayed": replayed})))
 }

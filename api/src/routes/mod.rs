@@ -38,6 +38,10 @@ pub fn router() -> Router<AppState> {
             axum::routing::delete(admin::revoke_key),
         )
         .route("/admin/v1/queues", get(admin::queues))
+        .route(
+            "/admin/v1/dead-letters/replay",
+            post(admin::replay_dead_letters),
+        )
         .fallback(|| async { ApiError::NotFound("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }

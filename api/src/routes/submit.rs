@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use uuid::Uuid;
 
-use chatq_common::db::{self, conversations, jobs, messages};
+use chatq_common::db::{self, conversations, jobs, messages, rate_limits};
 use chatq_common::domain::{Job, Role, new_id};
 use chatq_common::queue::QueueError;
 
@@ -79,6 +79,7 @@ pub async fn submit(
     headers: HeaderMap,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> ApiResult<Response> {
+    check_rate_limit(&state, &tenant).await?;
     let idempotency = idempotency_key(&headers)?;
     let request_hash = request_hash(&("messages", conversation_id, &body));
     let turn = validate_turn(
@@ -106,6 +107,7 @@ pub async fn chat(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> ApiResult<Response> {
+    check_rate_limit(&state, &tenant).await?;
     let idempotency = idempotency_key(&headers)?;
     let request_hash = request_hash(&("chat", &body));
     let turn = validate_turn(
@@ -167,6 +169,22 @@ pub fn validate_turn(
     })
 }
 
+/// Counts the submission against the key's per-minute limit, if it has one.
+async fn check_rate_limit(state: &AppState, tenant: &Tenant) -> ApiResult<()> {
+    let Some(limit) = tenant.rate_limit_per_minute else {
+        return Ok(());
+    };
+    let (count, window_left_secs) = rate_limits::hit(&state.db, tenant.key_id).await?;
+    if count > limit {
+        // Whole seconds, rounded up, so a client that waits is not refused again.
+        let retry_after_secs = window_left_secs.max(0.0).ceil() as u64;
+        return Err(ApiError::RateLimited {
+            retry_after_secs: retry_after_secs.max(1),
+        });
+    }
+    Ok(())
+}
+
 /// The `Idempotency-Key` header, if given: 1–255 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(value) = headers.get("idempotency-key") else {
@@ -204,6 +222,7 @@ pub async fn submit_turn(
     {
         return Ok(existing);
     }
+    let created_conversation = matches!(target, Target::New(_));
     let job = match store_turn(state, tenant, target, &turn, idempotency_key, request_hash).await {
         Err(ApiError::Conflict(IDEMPOTENCY_RACE)) => {
             // A concurrent request with the same key won; answer as its replay.
@@ -219,7 +238,11 @@ pub async fn submit_turn(
     match state.publisher.publish(job.id).await {
         Ok(()) => {}
         Err(QueueError::Full) => {
+            // Refused by the broker: undo the submission, as if it never came.
             if jobs::withdraw(&state.db, job.id).await? {
+                if created_conversation {
+                    conversations::delete(&state.db, tenant.id, job.conversation_id).await?;
+                }
                 return Err(ApiError::QueueFull {
                     retry_after_secs: QUEUE_FULL_RETRY_AFTER_SECS,
                 });

@@ -250,6 +250,8 @@ pub async fn fail(
     let done = sqlx::query(
         "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
                          error_code = $3, error_message = $4,
+                         attempt_errors = attempt_errors || jsonb_build_object(
+                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now()),
                          claim_token = null, lease_expires_at = null
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
@@ -355,23 +357,29 @@ pub async fn stats(db: impl PgExecutor<'_> + Copy) -> sqlx::Result<JobStats> {
     })
 }
 
-/// Counts one more LLM attempt of a claimed job (an in-process retry);
-/// false if the claim is no longer held.
-pub async fn bump_attempt(
+/// Records why the current attempt of a claimed job failed and counts one
+/// more attempt (an in-process retry); false if the claim is no longer held.
+pub async fn retry_attempt(
     db: impl PgExecutor<'_>,
     id: Uuid,
     token: Uuid,
     lease: Duration,
+    code: &str,
+    message: &str,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set attempts = attempts + 1, updated_at = now(),
-                         lease_expires_at = now() + make_interval(secs => $3)
+                         lease_expires_at = now() + make_interval(secs => $3),
+                         attempt_errors = attempt_errors || jsonb_build_object(
+                             'attempt', attempts, 'code', $4::text, 'message', $5::text, 'at', now())
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
     )
     .bind(id)
     .bind(token)
     .bind(lease.as_secs_f64())
+    .bind(code)
+    .bind(message)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -388,6 +396,24 @@ pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Re
     )
     .bind(id)
     .bind(token)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Puts a failed job back in the queue with a fresh attempt budget (an
+/// operator replaying dead letters). False if the job is not failed, or its
+/// conversation has another active job by now.
+pub async fn requeue_failed(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'queued', attempts = 0, error_code = null, error_message = null,
+                         finished_at = null, published_at = null, updated_at = now()
+         where id = $1 and status = 'failed'
+           and not exists (select 1 from jobs o where o.conversation_id = jobs.conversation_id
+                           and o.status in ('queued', 'running'))
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

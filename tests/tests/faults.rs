@@ -1,0 +1,505 @@
+//! DESIGN.md's guarantees under injected faults: each test breaks something
+//! (kill -9, broker cut, LLM failures, poison, overload, SIGTERM) and checks
+//! the end state in PostgreSQL.
+
+use std::time::Duration;
+
+use chatq_tests::proxy::FaultProxy;
+use chatq_tests::{EnvOptions, TestEnv, eventually};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Submits `n` one-shot chats; returns their job ids.
+async fn submit_chats(
+    env: &TestEnv,
+    key: &str,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<Vec<String>> {
+    let posts = (0..n).map(|i| {
+        let (api, key) = (env.api.clone(), key.to_owned());
+        let content = format!("{tag} {i}");
+        async move {
+            let r = api
+                .post("/v1/chat", &key, &json!({"content": content}))
+                .await?;
+            anyhow::ensure!(r.status == 202, "submit answered {}: {}", r.status, r.body);
+            Ok::<_, anyhow::Error>(r.str("id"))
+        }
+    });
+    futures_util::future::try_join_all(posts).await
+}
+
+async fn wait_terminal_count(env: &TestEnv, n: i64) -> anyhow::Result<()> {
+    eventually("every job terminal", DEADLINE, || async {
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from jobs where status in ('succeeded', 'failed', 'cancelled')",
+        )
+        .fetch_one(&env.db)
+        .await?;
+        Ok((done >= n).then_some(()))
+    })
+    .await
+}
+
+async fn mock_in_flight(env: &TestEnv) -> anyhow::Result<i64> {
+    Ok(env.mock_stats().await?["in_flight"].as_i64().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn jobs_of_a_killed_worker_are_finished_by_another() -> anyhow::Result<()> {
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "2000")]),
+        worker_env: env_of(&[("CHATQ_LEASE_SECS", "3")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let first = env.start_worker(&[]).await?;
+    submit_chats(&env, &key, 50, "kill").await?;
+    eventually("50 calls in flight", DEADLINE, || async {
+        Ok((mock_in_flight(&env).await? >= 50).then_some(()))
+    })
+    .await?;
+
+    env.signal_worker(first, "KILL").await?;
+    env.start_worker(&[]).await?;
+    wait_terminal_count(&env, 50).await?;
+
+    env.job_summary().await?.assert_all_succeeded_once(50);
+    let second_attempts: i64 = sqlx::query_scalar("select count(*) from jobs where attempts >= 2")
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(
+        second_attempts, 50,
+        "every job was reclaimed after its lease lapsed"
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn submissions_while_the_broker_is_unreachable_are_accepted_and_finish_later()
+-> anyhow::Result<()> {
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        api_env: env_of(&[("AMQP_URL", &via_proxy)]),
+        worker_env: env_of(&[("AMQP_URL", &via_proxy)]),
+        ..Default::default()
+    })
+    .await?;
+    env.start_worker(&[]).await?;
+    let (_, key) = env.create_key("acme").await?;
+
+    proxy.cut();
+    let ids = submit_chats(&env, &key, 50, "outage").await?;
+    assert_eq!(ids.len(), 50, "all 50 accepted while the broker is away");
+    let ready = env
+        .api
+        .raw(reqwest::Method::GET, "/readyz", None, None, &[])
+        .await?;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(ready.body["checks"]["rabbitmq"], "unavailable");
+    let queued: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued'")
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(queued, 50, "accepted means stored");
+
+    proxy.restore();
+    wait_terminal_count(&env, 50).await?;
+    env.job_summary().await?.assert_all_succeeded_once(50);
+    assert_eq!(env.mock_stats().await?["total"], 50, "one LLM call per job");
+    // The worker consumes again after the outage: a new job goes through.
+    let conv = env.api.create_conversation(&key, &json!({})).await?;
+    let job = env.api.submit(&key, &conv, "after the outage").await?;
+    let job = env
+        .api
+        .wait_terminal(&key, job["id"].as_str().unwrap_or_default(), DEADLINE)
+        .await?;
+    assert_eq!(job["status"], "succeeded");
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_reconnects_and_consumes_after_its_broker_connection_is_cut() -> anyhow::Result<()> {
+    let proxy = FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        worker_env: env_of(&[("AMQP_URL", &via_proxy)]),
+        ..Default::default()
+    })
+    .await?;
+    env.start_worker(&[]).await?;
+    let (_, key) = env.create_key("acme").await?;
+    let before = submit_chats(&env, &key, 5, "before").await?;
+    wait_terminal_count(&env, 5).await?;
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+    // Jobs submitted after the cut are taken by the reconnected consumer.
+    let after = submit_chats(&env, &key, 10, "after").await?;
+    wait_terminal_count(&env, (before.len() + after.len()) as i64).await?;
+    env.job_summary().await?.assert_all_succeeded_once(15);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn flaky_llm_is_retried_until_every_job_succeeds() -> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 2,
+        mock_env: env_of(&[
+            ("CHATQ_MOCK_RATE_429", "0.3"),
+            ("CHATQ_MOCK_RATE_500", "0.2"),
+            ("CHATQ_MOCK_RETRY_AFTER_SECS", "0"),
+        ]),
+        worker_env: env_of(&[("CHATQ_MAX_ATTEMPTS", "20")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let ids = submit_chats(&env, &key, 40, "flaky").await?;
+    wait_terminal_count(&env, 40).await?;
+
+    env.job_summary().await?.assert_all_succeeded_once(40);
+    let retried: i64 = sqlx::query_scalar("select count(*) from jobs where attempts > 1")
+        .fetch_one(&env.db)
+        .await?;
+    assert!(
+        retried > 0,
+        "with half the calls failing, some jobs needed more than one attempt"
+    );
+    // Attempt history is visible to pollers.
+    let retried_id: String =
+        sqlx::query_scalar("select id::text from jobs where attempts > 1 limit 1")
+            .fetch_one(&env.db)
+            .await?;
+    let job = env.api.get(&format!("/v1/jobs/{retried_id}"), &key).await?;
+    let errors = job.body["attempt_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        errors.len() as i64,
+        job.body["attempts"].as_i64().unwrap_or(0) - 1,
+        "{}",
+        job.body
+    );
+    assert!(errors.iter().all(|e| matches!(
+        e["code"].as_str(),
+        Some("llm_rate_limited" | "llm_unavailable")
+    )));
+    assert_eq!(ids.len(), 40);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn permanent_and_malformed_llm_answers_fail_cleanly_and_are_dead_lettered()
+-> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 1,
+        worker_env: env_of(&[("CHATQ_MAX_ATTEMPTS", "2"), ("CHATQ_LLM_TIMEOUT_SECS", "1")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    // (directive, expected code, expected attempts)
+    let cases = [
+        ("[mock:status=400]", "llm_rejected", 1),
+        ("[mock:redirect]", "llm_bad_response", 1),
+        ("[mock:malformed]", "llm_bad_response", 2),
+        ("[mock:oversize]", "llm_bad_response", 2),
+        ("[mock:hang]", "llm_timeout", 2),
+    ];
+    for (directive, code, attempts) in cases {
+        let conv = env.api.create_conversation(&key, &json!({})).await?;
+        let job = env.api.submit(&key, &conv, directive).await?;
+        let job = env
+            .api
+            .wait_terminal(&key, job["id"].as_str().unwrap_or_default(), DEADLINE)
+            .await?;
+        assert_eq!(job["status"], "failed", "{directive}: {job}");
+        assert_eq!(job["error"]["code"], code, "{directive}: {job}");
+        assert_eq!(job["attempts"], attempts, "{directive}: {job}");
+        assert!(
+            job["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    let summary = env.job_summary().await?;
+    assert_eq!(summary.count("failed"), 5);
+    assert_eq!(
+        summary.orphan_replies, 0,
+        "a failed job has no assistant message"
+    );
+    eventually("5 dead letters", DEADLINE, || async {
+        Ok((env.queue_depth("dead").await? == 5).then_some(()))
+    })
+    .await?;
+
+    // Replay puts them back with a fresh budget; they fail again the same way.
+    let r = env
+        .api
+        .admin_post("/admin/v1/dead-letters/replay", &json!({"limit": 2}))
+        .await?;
+    assert_eq!(
+        (r.status, r.body["replayed"].as_i64()),
+        (200, Some(2)),
+        "{}",
+        r.body
+    );
+    eventually("replayed jobs fail again", DEADLINE, || async {
+        Ok((env.queue_depth("dead").await? == 5).then_some(()))
+    })
+    .await?;
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() -> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions::default()).await?;
+    let (_, key) = env.create_key("acme").await?;
+    env.publish_raw(b"this is not json").await?;
+    env.publish_raw(
+        format!(
+            r#"{{"type":"chat_v1","job_id":"{}"}}"#,
+            uuid::Uuid::now_v7()
+        )
+        .as_bytes(),
+    )
+    .await?;
+
+    let conv = env.api.create_conversation(&key, &json!({})).await?;
+    let job = env.api.submit(&key, &conv, "still working?").await?;
+    let job = env
+        .api
+        .wait_terminal(&key, job["id"].as_str().unwrap_or_default(), DEADLINE)
+        .await?;
+    assert_eq!(job["status"], "succeeded");
+    eventually("2 dead letters", DEADLINE, || async {
+        Ok((env.queue_depth("dead").await? == 2).then_some(()))
+    })
+    .await?;
+    let r = env
+        .api
+        .admin_post("/admin/v1/dead-letters/replay", &json!({}))
+        .await?;
+    assert_eq!(
+        r.body["replayed"], 0,
+        "poison names no job: discarded, not replayed"
+    );
+    assert_eq!(env.queue_depth("dead").await?, 0);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_cost_one_llm_call_per_job() -> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 4,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "200")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let ids = submit_chats(&env, &key, 40, "dup").await?;
+    for id in &ids {
+        env.publish_raw(format!(r#"{{"type":"chat_v1","job_id":"{id}"}}"#).as_bytes())
+            .await?;
+    }
+    wait_terminal_count(&env, 40).await?;
+    // Let the duplicates drain too, then count.
+    eventually("work queue empty", DEADLINE, || async {
+        Ok((env.queue_depth("work").await? == 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    env.job_summary().await?.assert_all_succeeded_once(40);
+    let stats = env.mock_stats().await?;
+    assert_eq!(stats["total"], 40, "exactly one LLM call per job: {stats}");
+    let results: Vec<String> = sqlx::query_scalar("select result_content from jobs")
+        .fetch_all(&env.db)
+        .await?;
+    assert!(results.iter().all(|r| r.starts_with("mock reply")));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing()
+-> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 0,
+        api_env: env_of(&[("CHATQ_MAX_QUEUE_LENGTH", "5")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let mut statuses = vec![];
+    for i in 0..8 {
+        let r = env
+            .api
+            .post("/v1/chat", &key, &json!({"content": format!("q {i}")}))
+            .await?;
+        if r.status == 429 {
+            assert_eq!(r.error_code(), "queue_full");
+            assert!(
+                r.header("retry-after")
+                    .is_some_and(|v| v.parse::<u64>().is_ok())
+            );
+        }
+        statuses.push(r.status);
+    }
+    // A quorum queue enforces its length after the fact: it may take one
+    // message past the limit before it starts refusing.
+    let accepted = statuses.iter().filter(|&&s| s == 202).count() as i64;
+    assert!(statuses[..5].iter().all(|&s| s == 202), "{statuses:?}");
+    assert!(statuses[6..].iter().all(|&s| s == 429), "{statuses:?}");
+    let counts: (i64, i64, i64) = sqlx::query_as(
+        "select (select count(*) from jobs), (select count(*) from messages), (select count(*) from conversations)",
+    )
+    .fetch_one(&env.db)
+    .await?;
+    assert_eq!(
+        counts,
+        (accepted, accepted, accepted),
+        "refused submissions left nothing behind"
+    );
+
+    // Rate limit: 3 per minute for this key.
+    let r = env
+        .api
+        .admin_post(
+            "/admin/v1/api-keys",
+            &json!({"tenant": "slow", "rate_limit_per_minute": 3}),
+        )
+        .await?;
+    let slow = r.str("key");
+    let conv = env.api.create_conversation(&slow, &json!({})).await?;
+    let path = format!("/v1/conversations/{conv}/messages");
+    let mut codes = vec![];
+    for _ in 0..4 {
+        let r = env
+            .api
+            .post(&path, &slow, &json!({"content": "x", "max_tokens": 0}))
+            .await?;
+        if r.status == 429 {
+            assert!(
+                r.header("retry-after")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|s| (1..=60).contains(&s))
+            );
+        }
+        codes.push(r.error_code().to_owned());
+    }
+    assert_eq!(
+        codes,
+        vec![
+            "invalid_request",
+            "invalid_request",
+            "invalid_request",
+            "rate_limited"
+        ]
+    );
+    let stored: i64 =
+        sqlx::query_scalar("select count(*) from jobs where conversation_id = $1::uuid")
+            .bind(&conv)
+            .fetch_one(&env.db)
+            .await?;
+    assert_eq!(stored, 0);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_jobs_and_exits_zero() -> anyhow::Result<()> {
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "1500")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let w = env
+        .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", "20")])
+        .await?;
+    submit_chats(&env, &key, 20, "term").await?;
+    eventually("20 in flight", DEADLINE, || async {
+        Ok((mock_in_flight(&env).await? >= 20).then_some(()))
+    })
+    .await?;
+
+    env.signal_worker(w, "TERM").await?;
+    assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0), "clean exit");
+    env.job_summary().await?.assert_all_succeeded_once(20);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_past_the_grace_period_returns_jobs_to_the_queue() -> anyhow::Result<()> {
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "4000")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let w = env
+        .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", "1")])
+        .await?;
+    submit_chats(&env, &key, 10, "abandon").await?;
+    eventually("10 in flight", DEADLINE, || async {
+        Ok((mock_in_flight(&env).await? >= 10).then_some(()))
+    })
+    .await?;
+
+    env.signal_worker(w, "TERM").await?;
+    assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0), "clean exit");
+    let queued: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued'")
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(queued, 10, "unfinished jobs went back to the queue");
+
+    env.start_worker(&[]).await?;
+    wait_terminal_count(&env, 10).await?;
+    env.job_summary().await?.assert_all_succeeded_once(10);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_mode_works_the_queue_until_empty_then_exits_zero() -> anyhow::Result<()> {
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    submit_chats(&env, &key, 30, "drain").await?;
+
+    let w = env.start_worker_with_args(&["--drain"], &[]).await?;
+    assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0));
+    env.job_summary().await?.assert_all_succeeded_once(30);
+    assert_eq!(env.queue_depth("work").await?, 0);
+    env.cleanup().await;
+    Ok(())
+}
