@@ -138,7 +138,9 @@ impl TestEnv {
         init_tls();
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("chatq_test_{}", &id[..16]);
-        let admin = PgPool::connect(&format!("{}/postgres", pg_base_url()))
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", pg_base_url()))
             .await
             .context("connecting to PostgreSQL on 127.0.0.1:5432 (is it running?)")?;
         sqlx::query(sqlx::AssertSqlSafe(format!("create database {db_name}")))
@@ -164,6 +166,9 @@ impl TestEnv {
         api_env.push(("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()));
         api_env.push(("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
         api_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        // Small pools: several tests run at once against one PostgreSQL
+        // (max_connections 100 by default).
+        api_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), "5".into()));
         api_env.extend(opts.api_env.iter().cloned());
         let mut api_proc = command("chatq-api", &api_env)
             .spawn()
@@ -173,9 +178,13 @@ impl TestEnv {
         let mut worker_env = common;
         worker_env.push(("OPENAI_BASE_URL".into(), format!("{mock_url}/v1")));
         worker_env.push(("CHATQ_RELAY_GRACE_SECS".into(), "2".into()));
+        worker_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), "4".into()));
         worker_env.extend(opts.worker_env.iter().cloned());
 
-        let db = PgPool::connect(&db_url).await?;
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db_url)
+            .await?;
         let mut env = Self {
             db_name,
             db_url,
@@ -398,12 +407,16 @@ async fn cleanup(children: Vec<Child>, db_name: String, prefix: String) {
     for mut c in children {
         let _ = c.kill().await;
     }
-    if let Ok(admin) = PgPool::connect(&format!("{}/postgres", pg_base_url())).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "drop database if exists {db_name} with (force)"
-        )))
-        .execute(&admin)
-        .await;
+    let server = format!("{}/postgres", pg_base_url());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server);
+    if let Ok(admin) = admin.await {
+        let drop_db = format!("drop database if exists {db_name} with (force)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(drop_db))
+            .execute(&admin)
+            .await;
+        admin.close().await;
     }
     if let Ok(conn) =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
