@@ -59,7 +59,18 @@ pub struct Topology {
     pub dead_queue: String,
     /// Maximum length of the work queue.
     pub max_length: u32,
+    /// Delay queues for retries, shortest first: a message waits out the
+    /// queue's TTL, then is dead-lettered back to the work queue.
+    pub retry_queues: Vec<(Duration, String)>,
 }
+
+/// The delays a retry can wait in the broker (a retry waits in the
+/// shortest one at least as long as its backoff).
+pub const RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_secs(2),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+];
 
 impl Topology {
     /// The topology for these settings.
@@ -70,7 +81,22 @@ impl Topology {
             dead_exchange: format!("{p}.dlx"),
             dead_queue: format!("{p}.dead"),
             max_length: args.max_queue_length,
+            retry_queues: RETRY_DELAYS
+                .iter()
+                .map(|d| (*d, format!("{p}.retry.{}s", d.as_secs())))
+                .collect(),
         }
+    }
+
+    /// The delay queue for a retry after `delay`, and how long it waits.
+    pub fn retry_queue(&self, delay: Duration) -> (&str, Duration) {
+        let (wait, name) = self
+            .retry_queues
+            .iter()
+            .find(|(d, _)| *d >= delay)
+            .or(self.retry_queues.last())
+            .expect("there is at least one retry queue");
+        (name, *wait)
     }
 
     /// Declares everything, idempotently (every process does it at connect).
@@ -127,6 +153,25 @@ impl Topology {
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
         );
         timed(ch.queue_declare(self.work_queue.as_str().into(), durable, work_args)).await?;
+
+        for (delay, name) in &self.retry_queues {
+            let mut args = FieldTable::default();
+            // Quorum with at-least-once dead-lettering: a waiting retry
+            // survives a broker restart and is not dropped on its way back.
+            args.insert("x-queue-type".into(), str_value("quorum"));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            args.insert("x-overflow".into(), str_value("reject-publish"));
+            args.insert("x-dead-letter-strategy".into(), str_value("at-least-once"));
+            args.insert("x-dead-letter-exchange".into(), str_value(""));
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                str_value(&self.work_queue),
+            );
+            timed(ch.queue_declare(name.as_str().into(), durable, args)).await?;
+        }
         Ok(())
     }
 }
@@ -292,6 +337,25 @@ impl Publisher {
             self.inner.state.lock().await.channel = None;
         }
         result
+    }
+
+    /// Publishes `{job_id}` to the delay queue for `delay`, from which the
+    /// broker returns it to the work queue; returns the actual wait.
+    pub async fn publish_delayed(
+        &self,
+        job_id: Uuid,
+        delay: Duration,
+    ) -> Result<Duration, QueueError> {
+        let ch = self.channel().await?;
+        let (queue, wait) = self.inner.topology.retry_queue(delay);
+        let result = publish_on(&ch, queue, job_id).await;
+        if matches!(
+            result,
+            Err(QueueError::Unavailable(_) | QueueError::Amqp(_))
+        ) {
+            self.inner.state.lock().await.channel = None;
+        }
+        result.map(|()| wait)
     }
 
     /// Whether the broker connection is up (connecting if needed).

@@ -422,7 +422,7 @@ async fn cleanup(children: Vec<Child>, db_name: String, prefix: String) {
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for q in ["work", "dead", "retry"] {
+        for q in ["work", "dead", "retry.2s", "retry.10s", "retry.60s"] {
             let _ = ch
                 .queue_delete(
                     format!("{prefix}.{q}").as_str().into(),
@@ -463,6 +463,38 @@ impl Drop for TestEnv {
         })
         .join();
     }
+}
+
+/// An extra api process of a test environment.
+pub struct ApiProcess {
+    /// Its client.
+    pub api: Api,
+    _child: Child,
+}
+
+/// Starts another `chatq-api` on the environment's database and queues,
+/// with extra environment (e.g. a proxied `DATABASE_URL`).
+pub async fn spawn_api(env: &TestEnv, extra: &[(&str, &str)]) -> anyhow::Result<ApiProcess> {
+    let mut envs: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), env.db_url.clone()),
+        ("AMQP_URL".into(), amqp_url()),
+        ("CHATQ_QUEUE_PREFIX".into(), env.prefix.clone()),
+        ("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()),
+        ("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        ("CHATQ_DB_MAX_CONNECTIONS".into(), "5".into()),
+    ];
+    envs.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let mut child = command("chatq-api", &envs)
+        .spawn()
+        .context("starting chatq-api")?;
+    let url = read_listen_line(&mut child, "chatq-api").await?;
+    let api = Api::new(url);
+    api.wait_ready().await?;
+    Ok(ApiProcess { api, _child: child })
 }
 
 /// Job end states in PostgreSQL.

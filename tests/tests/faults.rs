@@ -503,3 +503,249 @@ async fn drain_mode_works_the_queue_until_empty_then_exits_zero() -> anyhow::Res
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn long_retry_delays_wait_in_the_broker_without_holding_a_worker_slot() -> anyhow::Result<()>
+{
+    let env = TestEnv::start(EnvOptions {
+        workers: 1,
+        mock_env: env_of(&[("CHATQ_MOCK_RETRY_AFTER_SECS", "2")]),
+        worker_env: env_of(&[
+            ("CHATQ_MAX_ATTEMPTS", "3"),
+            ("CHATQ_WORKER_CONCURRENCY", "1"),
+        ]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let slow_conv = env.api.create_conversation(&key, &json!({})).await?;
+    let slow = env
+        .api
+        .submit(&key, &slow_conv, "always limited [mock:status=429]")
+        .await?;
+    let slow_id = slow["id"].as_str().unwrap_or_default().to_owned();
+
+    // After the first 429 the job waits in the delay queue, queued again ...
+    let waiting = eventually("first attempt recorded", DEADLINE, || async {
+        let r = env.api.get(&format!("/v1/jobs/{slow_id}"), &key).await?;
+        let recorded = r.body["attempt_errors"].as_array().map_or(0, Vec::len);
+        Ok((recorded == 1 && r.body["status"] == "queued").then_some(r.body))
+    })
+    .await?;
+    assert_eq!(waiting["attempt_errors"][0]["code"], "llm_rate_limited");
+    // ... and the single worker slot is free for other work meanwhile.
+    let quick_conv = env.api.create_conversation(&key, &json!({})).await?;
+    let quick = env.api.submit(&key, &quick_conv, "quick").await?;
+    let quick = env
+        .api
+        .wait_terminal(&key, quick["id"].as_str().unwrap_or_default(), DEADLINE)
+        .await?;
+    assert_eq!(quick["status"], "succeeded");
+    let slow_now = env.api.get(&format!("/v1/jobs/{slow_id}"), &key).await?;
+    assert_ne!(
+        slow_now.body["status"], "failed",
+        "the quick job finished while the slow one was still retrying"
+    );
+
+    let slow = env.api.wait_terminal(&key, &slow_id, DEADLINE).await?;
+    assert_eq!(
+        (slow["status"].as_str(), slow["attempts"].as_i64()),
+        (Some("failed"), Some(3)),
+        "{slow}"
+    );
+    assert_eq!(slow["error"]["code"], "llm_rate_limited");
+    assert_eq!(slow["attempt_errors"].as_array().map(Vec::len), Some(3));
+    let stats = env.mock_stats().await?;
+    assert_eq!(
+        stats["by_prompt"]["always limited [mock:status=429]"], 3,
+        "one LLM call per attempt: {stats}"
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_redelivered_after_the_commit_is_acked_without_a_second_call()
+-> anyhow::Result<()> {
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let doomed = env
+        .start_worker(&[("CHATQ_FAILPOINT", "exit_before_ack")])
+        .await?;
+    let conv = env.api.create_conversation(&key, &json!({})).await?;
+    let job = env.api.submit(&key, &conv, "commit then crash").await?;
+    let id = job["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        env.wait_worker(doomed, DEADLINE).await?,
+        Some(3),
+        "the worker died at the failpoint"
+    );
+    let before = env.api.get(&format!("/v1/jobs/{id}"), &key).await?.body;
+    assert_eq!(
+        before["status"], "succeeded",
+        "the result was committed before the crash"
+    );
+    assert_eq!(
+        env.queue_depth("work").await?,
+        1,
+        "the unacked message is back in the queue"
+    );
+
+    env.start_worker(&[]).await?;
+    eventually("redelivery settled", DEADLINE, || async {
+        Ok((env.queue_depth("work").await? == 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let after = env.api.get(&format!("/v1/jobs/{id}"), &key).await?.body;
+    assert_eq!(after, before, "the stored result is unchanged");
+    assert_eq!(env.mock_stats().await?["total"], 1, "no second LLM call");
+    env.job_summary().await?.assert_all_succeeded_once(1);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn database_connection_cut_mid_run_every_job_still_ends_once() -> anyhow::Result<()> {
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse()?).await?;
+    let mut env = TestEnv::start(EnvOptions {
+        workers: 0,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "1000")]),
+        ..Default::default()
+    })
+    .await?;
+    // The worker's database connections go through the proxy; the test's
+    // own pool (for the assertions) connects directly.
+    let via_proxy = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
+    env.start_worker(&[("DATABASE_URL", &via_proxy)]).await?;
+    let (_, key) = env.create_key("acme").await?;
+    submit_chats(&env, &key, 30, "dbcut").await?;
+    eventually("calls in flight", DEADLINE, || async {
+        Ok((mock_in_flight(&env).await? > 0).then_some(()))
+    })
+    .await?;
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+
+    wait_terminal_count(&env, 30).await?;
+    env.job_summary().await?.assert_all_succeeded_once(30);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_answers_503_not_500_while_the_database_is_unreachable() -> anyhow::Result<()> {
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse()?).await?;
+    let env = TestEnv::start(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    // A second api process whose database goes through the proxy.
+    let via_proxy = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
+    let api2 = chatq_tests::spawn_api(&env, &[("DATABASE_URL", &via_proxy)]).await?;
+    let conv = api2.api.create_conversation(&key, &json!({})).await?;
+
+    proxy.cut();
+    let r = api2
+        .api
+        .post(
+            &format!("/v1/conversations/{conv}/messages"),
+            &key,
+            &json!({"content": "hi"}),
+        )
+        .await?;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (503, "unavailable"),
+        "{}",
+        r.body
+    );
+    assert!(r.header("retry-after").is_some());
+    let ready = api2
+        .api
+        .raw(reqwest::Method::GET, "/readyz", None, None, &[])
+        .await?;
+    assert_eq!(
+        (ready.status, ready.body["checks"]["postgres"].as_str()),
+        (503, Some("unavailable"))
+    );
+    proxy.restore();
+
+    let r = eventually("the api recovers", DEADLINE, || async {
+        let r = api2
+            .api
+            .post(
+                &format!("/v1/conversations/{conv}/messages"),
+                &key,
+                &json!({"content": "hi"}),
+            )
+            .await?;
+        Ok((r.status == 202).then_some(r))
+    })
+    .await?;
+    assert_eq!(r.body["status"], "queued");
+    let jobs: i64 = sqlx::query_scalar("select count(*) from jobs")
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(jobs, 1, "the refused submission stored nothing");
+    drop(api2);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn burst_of_5000_submissions_from_200_clients_loses_and_duplicates_nothing()
+-> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 2,
+        api_env: env_of(&[("CHATQ_DB_MAX_CONNECTIONS", "10")]),
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let (clients, per_client) = (200, 25);
+    let tasks = (0..clients).map(|c| {
+        let (api, key) = (env.api.clone(), key.clone());
+        tokio::spawn(async move {
+            let mut codes = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let r = api
+                    .post(
+                        "/v1/chat",
+                        &key,
+                        &json!({"content": format!("burst {c}/{i}")}),
+                    )
+                    .await?;
+                codes.push(r.status);
+            }
+            Ok::<_, anyhow::Error>(codes)
+        })
+    });
+    let mut codes = vec![];
+    for t in futures_util::future::join_all(tasks).await {
+        codes.extend(t??);
+    }
+    let accepted = codes.iter().filter(|&&c| c == 202).count() as i64;
+    let server_errors = codes.iter().filter(|&&c| c >= 500).count();
+    assert_eq!(server_errors, 0, "no 5xx");
+    assert_eq!(
+        accepted,
+        5000,
+        "all accepted (the queue is far from full): {:?}",
+        codes.iter().filter(|&&c| c != 202).collect::<Vec<_>>()
+    );
+    wait_terminal_count(&env, accepted).await?;
+    env.job_summary().await?.assert_all_succeeded_once(accepted);
+    assert_eq!(env.mock_stats().await?["total"], accepted);
+    env.cleanup().await;
+    Ok(())
+}

@@ -164,10 +164,23 @@ async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: Canc
                 Settle::Requeue
             }
         };
+        if matches!(settle_as, Settle::Ack) && failpoint_exit_before_ack() {
+            tracing::error!("failpoint exit_before_ack: exiting after the commit, before the ack");
+            std::process::exit(3);
+        }
         settle(&delivery, settle_as).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Fault injection for tests: `CHATQ_FAILPOINT=exit_before_ack` makes the
+/// worker die right after a job's result is committed and before its
+/// message is acked, as a crash or connection reset at that instant would.
+fn failpoint_exit_before_ack() -> bool {
+    static FAILPOINT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAILPOINT
+        .get_or_init(|| std::env::var("CHATQ_FAILPOINT").is_ok_and(|v| v == "exit_before_ack"))
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -83,6 +83,7 @@ pub async fn run(
     let ctx = Arc::new(runner::JobContext {
         db: db.clone(),
         llm,
+        publisher: publisher.clone(),
         config,
     });
 

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use chatq_common::db::{self, conversations, jobs, messages};
 use chatq_common::domain::{Job, Role, new_id};
+use chatq_common::queue::Publisher;
 
 use crate::llm::{ChatRequest, Completion, LlmClient, LlmError};
 use crate::{WorkerConfig, prompt, retry};
@@ -23,6 +24,8 @@ pub struct JobContext {
     pub db: PgPool,
     /// The LLM client.
     pub llm: LlmClient,
+    /// Publishes delayed retries.
+    pub publisher: Publisher,
     /// Settings.
     pub config: WorkerConfig,
 }
@@ -41,6 +44,10 @@ pub enum Outcome {
     /// replay.
     Failed,
 }
+
+/// Longest retry pause slept in-process; longer ones wait in the broker's
+/// delay queue, so a waiting retry does not hold a worker slot.
+pub const IN_PROCESS_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Longest total wait for the database to come back mid-job.
 const DB_RETRY_BUDGET: Duration = Duration::from_secs(120);
@@ -106,6 +113,28 @@ pub async fn run_job(
             tracing::info!(job_id = %id, "claim lost (cancelled or reclaimed); result discarded");
             Ok(Outcome::Done)
         }
+        Call::Deferred { err, delay } => {
+            let deferred = with_db_retry("defer", || {
+                jobs::defer(&ctx.db, id, token, err.code(), err.message())
+            })
+            .await?;
+            if !deferred {
+                return Ok(Outcome::Done);
+            }
+            match ctx.publisher.publish_delayed(id, delay).await {
+                Ok(wait) => {
+                    if let Err(e) = jobs::mark_published(&ctx.db, id).await {
+                        // The relay may publish it once more; the claim makes that harmless.
+                        tracing::warn!(error = %e, "could not record the delayed publish");
+                    }
+                    tracing::info!(job_id = %id, wait_ms = wait.as_millis(), code = err.code(), "retry scheduled");
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "delay queue unavailable; the relay requeues the job")
+                }
+            }
+            Ok(Outcome::Done)
+        }
         Call::Abandoned => {
             with_db_retry("release", || jobs::release(&ctx.db, id, token)).await?;
             tracing::info!(job_id = %id, "released unfinished job back to the queue");
@@ -166,6 +195,11 @@ async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRe
 
 enum Call {
     Finished(Result<Completion, LlmError>),
+    /// Retry after `delay`, through the delay queue.
+    Deferred {
+        err: LlmError,
+        delay: Duration,
+    },
     Lost,
     Abandoned,
 }
@@ -203,6 +237,9 @@ async fn call_with_retries(
             return Call::Finished(Err(err));
         }
         let pause = retry::delay(attempt, *retry_after);
+        if pause > IN_PROCESS_RETRY_MAX {
+            return Call::Deferred { err, delay: pause };
+        }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = lost.cancelled() => return Call::Lost,

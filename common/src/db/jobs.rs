@@ -418,3 +418,31 @@ pub async fn requeue_failed(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<b
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Gives a claimed job back to the queue to wait for a delayed retry,
+/// recording why this attempt failed. It is left unpublished until the
+/// delayed message is confirmed, so the relay covers a lost publish.
+/// False if the claim is no longer held.
+pub async fn defer(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    code: &str,
+    message: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
+                         published_at = null, updated_at = now(),
+                         attempt_errors = attempt_errors || jsonb_build_object(
+                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now())
+         where id = $1 and claim_token = $2 and status = 'running'
+         returning pg_notify('chatq_job', id::text)::text",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(code)
+    .bind(message)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
