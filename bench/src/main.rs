@@ -1,0 +1,3 @@
+//! `chatq-bench`: placeholder until the benchmark lands.
+
+fn main() {}
