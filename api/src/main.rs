@@ -60,7 +60,7 @@ async fn try_main() -> anyhow::Result<()> {
     std::io::stdout().flush().context("writing to stdout")?;
     tracing::info!(%addr, "listening");
 
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(chatq_common::telemetry::cancel_on_signal(shutdown.clone()));
     let server = tokio::spawn(chatq_api::serve(listener, state, shutdown.clone()));
     shutdown.cancelled().await;
     match tokio::time::timeout(grace, server).await {
@@ -72,29 +72,4 @@ async fn try_main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn signal_shutdown(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -16,3 +16,23 @@ pub fn init() {
         builder.init();
     }
 }
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM (the one shutdown signal every
+/// chatq process obeys).
+pub async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

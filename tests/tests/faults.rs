@@ -429,23 +429,34 @@ async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing
     Ok(())
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_jobs_and_exits_zero() -> anyhow::Result<()> {
+/// An environment with one worker (with `grace`) holding `n` LLM calls of
+/// `latency_ms` each in flight; returns it, the worker's index and the key.
+async fn worker_with_calls_in_flight(
+    latency_ms: &str,
+    grace: &str,
+    n: usize,
+) -> anyhow::Result<(TestEnv, usize, String)> {
     let mut env = TestEnv::start(EnvOptions {
         workers: 0,
-        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "1500")]),
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", latency_ms)]),
         ..Default::default()
     })
     .await?;
     let (_, key) = env.create_key("acme").await?;
     let w = env
-        .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", "20")])
+        .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", grace)])
         .await?;
-    submit_chats(&env, &key, 20, "term").await?;
-    eventually("20 in flight", DEADLINE, || async {
-        Ok((mock_in_flight(&env).await? >= 20).then_some(()))
+    submit_chats(&env, &key, n, "in flight").await?;
+    eventually("calls in flight", DEADLINE, || async {
+        Ok((mock_in_flight(&env).await? >= n as i64).then_some(()))
     })
     .await?;
+    Ok((env, w, key))
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_jobs_and_exits_zero() -> anyhow::Result<()> {
+    let (mut env, w, _) = worker_with_calls_in_flight("1500", "20", 20).await?;
 
     env.signal_worker(w, "TERM").await?;
     assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0), "clean exit");
@@ -456,21 +467,7 @@ async fn sigterm_finishes_in_flight_jobs_and_exits_zero() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn sigterm_past_the_grace_period_returns_jobs_to_the_queue() -> anyhow::Result<()> {
-    let mut env = TestEnv::start(EnvOptions {
-        workers: 0,
-        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "4000")]),
-        ..Default::default()
-    })
-    .await?;
-    let (_, key) = env.create_key("acme").await?;
-    let w = env
-        .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", "1")])
-        .await?;
-    submit_chats(&env, &key, 10, "abandon").await?;
-    eventually("10 in flight", DEADLINE, || async {
-        Ok((mock_in_flight(&env).await? >= 10).then_some(()))
-    })
-    .await?;
+    let (mut env, w, _) = worker_with_calls_in_flight("4000", "1", 10).await?;
 
     env.signal_worker(w, "TERM").await?;
     assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0), "clean exit");
@@ -495,6 +492,18 @@ async fn drain_mode_works_the_queue_until_empty_then_exits_zero() -> anyhow::Res
     .await?;
     let (_, key) = env.create_key("acme").await?;
     submit_chats(&env, &key, 30, "drain").await?;
+    let queues = env
+        .api
+        .get("/admin/v1/queues", chatq_tests::ADMIN_TOKEN)
+        .await?;
+    assert_eq!(queues.status, 200, "{}", queues.body);
+    assert_eq!(queues.body["depth"], 30, "{}", queues.body);
+    assert_eq!(queues.body["jobs_by_status"]["queued"], 30);
+    assert!(
+        queues.body["oldest_queued_age_secs"]
+            .as_f64()
+            .is_some_and(|a| a >= 0.0)
+    );
 
     let w = env.start_worker_with_args(&["--drain"], &[]).await?;
     assert_eq!(env.wait_worker(w, DEADLINE).await?, Some(0));

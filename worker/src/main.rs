@@ -31,24 +31,8 @@ async fn try_main() -> anyhow::Result<()> {
     // reqwest is built without a default TLS provider: install ring's.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(chatq_common::telemetry::cancel_on_signal(shutdown.clone()));
     println!("chatq-worker started");
     chatq_worker::run(cli.config, shutdown, cli.drain).await?;
     Ok(())
-}
-
-async fn signal_shutdown(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down: no new jobs, finishing in-flight ones");
-    shutdown.cancel();
 }
