@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use chatq_common::db::{self, conversations, jobs, messages};
-use chatq_common::domain::{Job, Role, new_id};
+use chatq_common::db::{self, jobs, messages};
+use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::Publisher;
 
 use crate::llm::{ChatRequest, Completion, LlmClient, LlmError};
@@ -169,25 +169,17 @@ pub async fn run_job(
 }
 
 async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRequest>> {
-    let conversation = with_db_retry("read conversation", || {
-        conversations::get(&ctx.db, job.tenant_id, job.conversation_id)
+    let source = with_db_retry("read conversation", || {
+        messages::prompt_source(&ctx.db, job.tenant_id, job.conversation_id)
     })
     .await?;
     // The conversation was deleted after the claim: its jobs went with it.
-    let Some(conversation) = conversation else {
+    let Some((system_prompt, history)) = source else {
         return Ok(None);
     };
-    let history = with_db_retry("read history", || {
-        messages::history(&ctx.db, job.tenant_id, job.conversation_id)
-    })
-    .await?;
     Ok(Some(ChatRequest {
         model: job.model.clone(),
-        messages: prompt::build(
-            conversation.system_prompt.as_deref(),
-            history,
-            ctx.config.history_chars,
-        ),
+        messages: prompt::build(system_prompt.as_deref(), history, ctx.config.history_chars),
         max_tokens: job.max_tokens,
         temperature: job.temperature,
     }))
@@ -289,15 +281,6 @@ async fn write_success(
     message_id: Uuid,
     c: &Completion,
 ) -> sqlx::Result<bool> {
-    let mut tx = db.begin().await?;
-    let message = messages::NewMessage {
-        id: message_id,
-        tenant_id: job.tenant_id,
-        conversation_id: job.conversation_id,
-        role: Role::Assistant,
-        content: &c.content,
-        job_id: Some(job.id),
-    };
     let result = jobs::JobResult {
         message_id,
         content: &c.content,
@@ -305,13 +288,5 @@ async fn write_success(
         prompt_tokens: c.prompt_tokens,
         completion_tokens: c.completion_tokens,
     };
-    // Claim first: if it is gone, nothing is written (and no unique
-    // violation on the assistant message can happen for a finished job).
-    if !jobs::succeed(&mut *tx, job.id, token, &result).await? {
-        tx.rollback().await?;
-        return Ok(false);
-    }
-    messages::insert(&mut *tx, &message).await?;
-    tx.commit().await?;
-    Ok(true)
+    jobs::succeed(db, job.id, token, &result).await
 }

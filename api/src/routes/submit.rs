@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use uuid::Uuid;
 
-use chatq_common::db::{self, conversations, jobs, messages, rate_limits};
-use chatq_common::domain::{Job, Role, new_id};
+use chatq_common::db::{self, conversations, jobs, rate_limits, submissions};
+use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::QueueError;
 
 use super::conversations::{
@@ -281,44 +281,44 @@ async fn store_turn(
     idempotency_key: Option<&str>,
     request_hash: &[u8],
 ) -> ApiResult<Job> {
-    let mut tx = state.db.begin().await?;
-    let conversation = match target {
-        Target::Existing(id) => conversations::lock(&mut *tx, tenant.id, id)
-            .await?
-            .ok_or(ApiError::NotFound("no such conversation"))?,
-        Target::New(new) => conversations::insert(&mut *tx, &conversation_row(tenant, new)).await?,
+    let user_turn = submissions::UserTurn {
+        message_id: new_id(),
+        content: &turn.content,
     };
-    let job_id = new_id();
-    let model = turn.model.as_deref().unwrap_or(&conversation.model);
-    let new_job = jobs::NewJob {
-        id: job_id,
+    let mut job = jobs::NewJob {
+        id: new_id(),
         tenant_id: tenant.id,
-        conversation_id: conversation.id,
-        model,
+        conversation_id: Uuid::nil(),
+        // Empty: the conversation's model.
+        model: turn.model.as_deref().unwrap_or(""),
         max_tokens: turn.max_tokens,
         temperature: turn.temperature,
         idempotency_key,
         request_hash: idempotency_key.map(|_| request_hash),
     };
-    let job =
-        jobs::insert(&mut *tx, &new_job).await.map_err(|err| {
-            match db::violated_constraint(&err) {
-                Some("jobs_one_active_per_conversation") => ApiError::ConversationBusy,
-                Some("jobs_tenant_idempotency_key") => ApiError::Conflict(IDEMPOTENCY_RACE),
-                _ => err.into(),
-            }
-        })?;
-    let message = messages::NewMessage {
-        id: new_id(),
-        tenant_id: tenant.id,
-        conversation_id: conversation.id,
-        role: Role::User,
-        content: &turn.content,
-        job_id: Some(job_id),
+    let stored = match target {
+        Target::Existing(conversation_id) => {
+            job.conversation_id = conversation_id;
+            submissions::submit_to_conversation(&state.db, &job, user_turn).await
+        }
+        Target::New(new) => {
+            let conversation = conversation_row(tenant, new);
+            job.conversation_id = conversation.id;
+            submissions::submit_with_new_conversation(&state.db, &conversation, &job, user_turn)
+                .await
+                .map(Some)
+        }
     };
-    messages::insert(&mut *tx, &message).await?;
-    tx.commit().await?;
-    Ok(job)
+    let stored = stored.map_err(|err| match db::violated_constraint(&err) {
+        Some("jobs_one_active_per_conversation") => ApiError::ConversationBusy,
+        Some("jobs_tenant_idempotency_key") => ApiError::Conflict(IDEMPOTENCY_RACE),
+        // The conversation was deleted while we submitted to it.
+        Some("jobs_conversation_id_fkey" | "messages_conversation_id_fkey") => {
+            ApiError::NotFound("no such conversation")
+        }
+        _ => err.into(),
+    })?;
+    stored.ok_or(ApiError::NotFound("no such conversation"))
 }
 
 fn accepted(job: Job) -> Response {

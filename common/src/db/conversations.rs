@@ -37,23 +37,6 @@ pub async fn get(
     .await
 }
 
-/// Locks the tenant's conversation row for the rest of the transaction, so
-/// a submission and a delete of the same conversation serialise.
-pub async fn lock(
-    db: impl PgExecutor<'_>,
-    tenant_id: Uuid,
-    id: Uuid,
-) -> sqlx::Result<Option<Conversation>> {
-    sqlx::query_as(
-        "select id, tenant_id, system_prompt, model, metadata, created_at
-         from conversations where tenant_id = $1 and id = $2 for update",
-    )
-    .bind(tenant_id)
-    .bind(id)
-    .fetch_optional(db)
-    .await
-}
-
 /// Up to `limit` of the tenant's conversations, newest first, older than
 /// `after` when given (keyset pagination on the time-ordered id).
 pub async fn list(

@@ -45,27 +45,6 @@ pub struct JobResult<'a> {
     pub completion_tokens: Option<i32>,
 }
 
-/// Stores a queued job. Violates `jobs_one_active_per_conversation` if the
-/// conversation is busy, `jobs_tenant_idempotency_key` on a key race.
-pub async fn insert(db: impl PgExecutor<'_>, j: &NewJob<'_>) -> sqlx::Result<Job> {
-    sqlx::query_as(
-        "insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                           idempotency_key, request_hash)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
-         returning *",
-    )
-    .bind(j.id)
-    .bind(j.tenant_id)
-    .bind(j.conversation_id)
-    .bind(j.model)
-    .bind(j.max_tokens)
-    .bind(j.temperature)
-    .bind(j.idempotency_key)
-    .bind(j.request_hash)
-    .fetch_one(db)
-    .await
-}
-
 /// The tenant's job with this id.
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as("select * from jobs where tenant_id = $1 and id = $2")
@@ -210,9 +189,9 @@ pub async fn heartbeat(
     Ok(done.rows_affected() == 1)
 }
 
-/// Marks a claimed job succeeded with its result. Run it in the transaction
-/// that writes the assistant message; false if the claim is no longer held,
-/// in which case the caller rolls back.
+/// Marks a claimed job succeeded and appends its reply to the conversation
+/// as the assistant message, in one statement (one commit). False, with
+/// nothing written, if the claim is no longer held.
 pub async fn succeed(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -220,12 +199,16 @@ pub async fn succeed(
     r: &JobResult<'_>,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
-        "update jobs set status = 'succeeded', finished_at = now(), updated_at = now(),
-                         result_message_id = $3, result_content = $4, finish_reason = $5,
-                         prompt_tokens = $6, completion_tokens = $7,
-                         claim_token = null, lease_expires_at = null
-         where id = $1 and claim_token = $2 and status = 'running'
-         returning pg_notify('chatq_job', id::text)::text",
+        "with done as (
+             update jobs set status = 'succeeded', finished_at = now(), updated_at = now(),
+                             result_message_id = $3, result_content = $4, finish_reason = $5,
+                             prompt_tokens = $6, completion_tokens = $7,
+                             claim_token = null, lease_expires_at = null
+             where id = $1 and claim_token = $2 and status = 'running'
+             returning id, tenant_id, conversation_id, pg_notify('chatq_job', id::text)::text
+         )
+         insert into messages (id, tenant_id, conversation_id, role, content, job_id)
+         select $3, tenant_id, conversation_id, 'assistant', $4, id from done",
     )
     .bind(id)
     .bind(token)

@@ -5,40 +5,6 @@ use uuid::Uuid;
 
 use crate::domain::{Message, Role};
 
-/// A message to store.
-#[derive(Debug, Clone)]
-pub struct NewMessage<'a> {
-    /// Message id (uuid v7).
-    pub id: Uuid,
-    /// Owning tenant.
-    pub tenant_id: Uuid,
-    /// Conversation it belongs to.
-    pub conversation_id: Uuid,
-    /// Author.
-    pub role: Role,
-    /// Text.
-    pub content: &'a str,
-    /// The job it started or answered.
-    pub job_id: Option<Uuid>,
-}
-
-/// Stores a message.
-pub async fn insert(db: impl PgExecutor<'_>, m: &NewMessage<'_>) -> sqlx::Result<()> {
-    sqlx::query(
-        "insert into messages (id, tenant_id, conversation_id, role, content, job_id)
-         values ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(m.id)
-    .bind(m.tenant_id)
-    .bind(m.conversation_id)
-    .bind(m.role)
-    .bind(m.content)
-    .bind(m.job_id)
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
 /// Up to `limit` messages of the tenant's conversation, oldest first, after
 /// the message `after` when given (an unknown `after` yields nothing).
 pub async fn list(
@@ -63,19 +29,48 @@ pub async fn list(
     .await
 }
 
-/// The whole conversation in order, for building a prompt. The worker
-/// trims it to its history budget.
-pub async fn history(
+/// What a prompt is built from: the conversation's system prompt and its
+/// whole history in order (the worker trims it to its budget), read in one
+/// query. `None` if the conversation is gone.
+pub async fn prompt_source(
     db: impl PgExecutor<'_>,
     tenant_id: Uuid,
     conversation_id: Uuid,
-) -> sqlx::Result<Vec<Message>> {
-    sqlx::query_as(
-        "select id, role, content, job_id, created_at from messages
-         where tenant_id = $1 and conversation_id = $2 order by seq",
+) -> sqlx::Result<Option<(Option<String>, Vec<Message>)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        system_prompt: Option<String>,
+        id: Option<Uuid>,
+        role: Option<Role>,
+        content: Option<String>,
+        job_id: Option<Uuid>,
+        created_at: Option<chrono::DateTime<chrono::Utc>>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "select c.system_prompt, m.id, m.role, m.content, m.job_id, m.created_at
+         from conversations c left join messages m on m.conversation_id = c.id
+         where c.tenant_id = $1 and c.id = $2
+         order by m.seq",
     )
     .bind(tenant_id)
     .bind(conversation_id)
     .fetch_all(db)
-    .await
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let system_prompt = first.system_prompt.clone();
+    let history = rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(Message {
+                id: r.id?,
+                role: r.role?,
+                content: r.content?,
+                job_id: r.job_id,
+                created_at: r.created_at?,
+            })
+        })
+        .collect();
+    Ok(Some((system_prompt, history)))
 }

@@ -7,6 +7,7 @@ pub mod jobs;
 pub mod keys;
 pub mod messages;
 pub mod rate_limits;
+pub mod submissions;
 
 /// The LISTEN/NOTIFY channel on which every job state change (and streamed
 /// progress) is announced, with the job id as payload.
