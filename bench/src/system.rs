@@ -1,0 +1,354 @@
+//! Starting and stopping a private chatq deployment: a fresh database and
+//! queue prefix, the mock LLM, the api and N workers, all on free ports of
+//! 127.0.0.1. Everything is torn down at the end, also on error (children
+//! are `kill_on_drop`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+/// The admin token of every api the benchmark starts.
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// Where the shared services are.
+#[derive(Debug, Clone)]
+pub struct Infra {
+    /// PostgreSQL server URL without a database, e.g. `postgres://postgres@127.0.0.1:5432`.
+    pub pg_url: String,
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+}
+
+/// How one deployment is started.
+#[derive(Debug, Clone)]
+pub struct SystemOptions {
+    /// Worker processes started with the system (more can be added later).
+    pub workers: usize,
+    /// `CHATQ_WORKER_CONCURRENCY` per worker.
+    pub worker_concurrency: u32,
+    /// `CHATQ_DB_MAX_CONNECTIONS` per worker (`None`: the default).
+    pub worker_db_connections: Option<u32>,
+    /// `CHATQ_MOCK_LATENCY_MS`.
+    pub mock_latency_ms: u64,
+    /// `CHATQ_MAX_QUEUE_LENGTH`.
+    pub max_queue_length: u64,
+}
+
+impl Default for SystemOptions {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            worker_concurrency: 64,
+            worker_db_connections: None,
+            mock_latency_ms: 0,
+            max_queue_length: 1_000_000,
+        }
+    }
+}
+
+/// Creates a database `chatq_bench_<random>`, returning (name, url).
+pub async fn create_database(infra: &Infra) -> anyhow::Result<(String, String)> {
+    let name = format!("chatq_bench_{}", &Uuid::new_v4().simple().to_string()[..16]);
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&format!("{}/postgres", infra.pg_url))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {} (is it running?)",
+                infra.pg_url
+            )
+        })?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&admin)
+        .await
+        .context("creating the bench database")?;
+    admin.close().await;
+    let url = format!("{}/{name}", infra.pg_url);
+    Ok((name, url))
+}
+
+/// Drops a database created by [`create_database`] (errors are ignored).
+pub async fn drop_database(infra: &Infra, name: &str) {
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&format!("{}/postgres", infra.pg_url))
+        .await;
+    if let Ok(admin) = admin {
+        let sql = format!("drop database if exists {name} with (force)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
+        admin.close().await;
+    }
+}
+
+/// Deletes the queues and exchange of a queue prefix (errors are ignored).
+async fn delete_queues(infra: &Infra, prefix: &str) {
+    let props = lapin::ConnectionProperties::default();
+    if let Ok(conn) = lapin::Connection::connect(&infra.amqp_url, props).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in ["work", "dead", "retry.2s", "retry.10s", "retry.60s"] {
+            let name = format!("{prefix}.{q}");
+            let opts = lapin::options::QueueDeleteOptions::default();
+            let _ = ch.queue_delete(name.as_str().into(), opts).await;
+        }
+        let name = format!("{prefix}.dlx");
+        let opts = lapin::options::ExchangeDeleteOptions::default();
+        let _ = ch.exchange_delete(name.as_str().into(), opts).await;
+        let _ = conn.close(200, "bench done".into()).await;
+    }
+}
+
+/// The directory holding the chatq binaries: the bench executable's own.
+fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let dir = exe
+        .parent()
+        .context("the bench executable has no directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the binaries first (cargo build --release --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn command(name: &str, envs: &[(String, String)]) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(bin_path(name)?);
+    cmd.envs(envs.iter().cloned())
+        .env(
+            "RUST_LOG",
+            std::env::var("CHATQ_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// Reads the `... listening on http://IP:PORT` line, then keeps draining stdout.
+async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not start within 60 s"))??
+        .with_context(|| format!("{what} exited before listening"))?;
+    let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
+    if !url.starts_with("http://") {
+        bail!("{what} printed an unexpected first line: {line}");
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(url)
+}
+
+/// A running private deployment.
+pub struct System {
+    /// The shared services.
+    pub infra: Infra,
+    /// Database name.
+    pub db_name: String,
+    /// Database URL.
+    pub db_url: String,
+    /// A small pool on the database, for verification queries.
+    pub db: PgPool,
+    /// Queue prefix.
+    pub prefix: String,
+    /// Api base URL.
+    pub api_url: String,
+    /// Mock LLM base URL (without `/v1`).
+    pub mock_url: String,
+    /// An API key of tenant `bench`.
+    pub key: String,
+    children: Vec<Child>,
+    workers: Vec<Child>,
+    worker_env: Vec<(String, String)>,
+}
+
+impl System {
+    /// Starts a fresh deployment and waits until the api is ready.
+    pub async fn start(
+        infra: &Infra,
+        http: &reqwest::Client,
+        opts: &SystemOptions,
+    ) -> anyhow::Result<Self> {
+        let (db_name, db_url) = create_database(infra).await?;
+        let prefix = format!("bench_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let db = match sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db_url)
+            .await
+        {
+            Ok(db) => db,
+            Err(err) => {
+                drop_database(infra, &db_name).await;
+                return Err(err).context("connecting to the bench database");
+            }
+        };
+        let mut sys = Self {
+            infra: infra.clone(),
+            db_name,
+            db_url,
+            db,
+            prefix,
+            api_url: String::new(),
+            mock_url: String::new(),
+            key: String::new(),
+            children: vec![],
+            workers: vec![],
+            worker_env: vec![],
+        };
+        match sys.boot(http, opts).await {
+            Ok(()) => Ok(sys),
+            Err(err) => {
+                sys.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn boot(&mut self, http: &reqwest::Client, opts: &SystemOptions) -> anyhow::Result<()> {
+        let mock_env = vec![
+            ("CHATQ_MOCK_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+            (
+                "CHATQ_MOCK_LATENCY_MS".to_owned(),
+                opts.mock_latency_ms.to_string(),
+            ),
+        ];
+        let mut mock = command("chatq-mock-llm", &mock_env)?
+            .spawn()
+            .context("starting chatq-mock-llm")?;
+        let mock_url = read_listen_line(&mut mock, "chatq-mock-llm").await;
+        self.children.push(mock);
+        self.mock_url = mock_url?;
+
+        let common = vec![
+            ("DATABASE_URL".to_owned(), self.db_url.clone()),
+            ("AMQP_URL".to_owned(), self.infra.amqp_url.clone()),
+            ("CHATQ_QUEUE_PREFIX".to_owned(), self.prefix.clone()),
+            (
+                "CHATQ_MAX_QUEUE_LENGTH".to_owned(),
+                opts.max_queue_length.to_string(),
+            ),
+        ];
+        let mut api_env = common.clone();
+        api_env.push(("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()));
+        api_env.push(("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
+        api_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        let mut api = command("chatq-api", &api_env)?
+            .spawn()
+            .context("starting chatq-api")?;
+        let api_url = read_listen_line(&mut api, "chatq-api").await;
+        self.children.push(api);
+        self.api_url = api_url?;
+
+        let mut worker_env = common;
+        worker_env.push(("OPENAI_BASE_URL".into(), format!("{}/v1", self.mock_url)));
+        worker_env.push((
+            "CHATQ_WORKER_CONCURRENCY".into(),
+            opts.worker_concurrency.to_string(),
+        ));
+        worker_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        if let Some(n) = opts.worker_db_connections {
+            worker_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), n.to_string()));
+        }
+        self.worker_env = worker_env;
+
+        wait_ready(http, &self.api_url).await?;
+        self.key = create_key(http, &self.api_url, ADMIN_TOKEN).await?;
+        self.start_workers(opts.workers)?;
+        Ok(())
+    }
+
+    /// Starts `n` more worker processes.
+    pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
+        for _ in 0..n {
+            let child = command("chatq-worker", &self.worker_env)?
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting chatq-worker")?;
+            self.workers.push(child);
+        }
+        Ok(())
+    }
+
+    /// Process ids of the running workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(Child::id).collect()
+    }
+
+    /// Sets the mock LLM latency at run time.
+    pub async fn set_mock_latency(&self, http: &reqwest::Client, ms: u64) -> anyhow::Result<()> {
+        let r = http
+            .post(format!("{}/_mock/config", self.mock_url))
+            .json(&serde_json::json!({"latency_ms": ms}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("setting the mock latency answered {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Kills every process, drops the database and deletes the queues.
+    pub async fn stop(mut self) {
+        for mut c in self.workers.drain(..).chain(self.children.drain(..)) {
+            let _ = c.kill().await;
+        }
+        self.db.close().await;
+        drop_database(&self.infra, &self.db_name).await;
+        delete_queues(&self.infra, &self.prefix).await;
+    }
+}
+
+/// Waits until `GET /readyz` answers 200 (at most 30 s).
+pub async fn wait_ready(http: &reqwest::Client, api_url: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if let Ok(r) = http.get(format!("{api_url}/readyz")).send().await
+            && r.status().as_u16() == 200
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the api at {api_url} never became ready")
+}
+
+/// Creates an API key for tenant `bench`, returning the key.
+pub async fn create_key(
+    http: &reqwest::Client,
+    api_url: &str,
+    admin_token: &str,
+) -> anyhow::Result<String> {
+    let r = http
+        .post(format!("{api_url}/admin/v1/api-keys"))
+        .bearer_auth(admin_token)
+        .json(&serde_json::json!({"tenant": "bench"}))
+        .send()
+        .await?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    match body["key"].as_str() {
+        Some(k) if status.is_success() => Ok(k.to_owned()),
+        _ => bail!("creating an API key answered {status}: {body}"),
+    }
+}
+
+/// Peak resident set size (VmHWM) of a process, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
