@@ -2,6 +2,7 @@
 //! database migrations and exit.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -39,11 +40,7 @@ async fn try_main() -> anyhow::Result<()> {
     let config = cli.config;
     if matches!(cli.command, Some(Command::Migrate)) || config.migrate_on_start {
         let pool = config.db.pool().context("configuring the postgres pool")?;
-        chatq_common::MIGRATOR
-            .run(&pool)
-            .await
-            .context("applying migrations")?;
-        tracing::info!("migrations applied");
+        migrate(&pool).await?;
         if cli.command.is_some() {
             return Ok(());
         }
@@ -72,4 +69,30 @@ async fn try_main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long start-up waits for PostgreSQL to come up before giving up.
+const MIGRATE_WAIT: Duration = Duration::from_secs(60);
+
+/// Applies the migrations, waiting (with backoff) while the database is
+/// unreachable, so the api can start before PostgreSQL does.
+async fn migrate(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match chatq_common::MIGRATOR.run(pool).await {
+            Ok(()) => {
+                tracing::info!("migrations applied");
+                return Ok(());
+            }
+            Err(sqlx::migrate::MigrateError::Execute(err))
+                if chatq_common::db::is_unavailable(&err) && started.elapsed() < MIGRATE_WAIT =>
+            {
+                tracing::warn!(error = %err, "database unavailable; retrying migrations");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err).context("applying migrations"),
+        }
+    }
 }

@@ -758,3 +758,36 @@ async fn burst_of_5000_submissions_from_200_clients_loses_and_duplicates_nothing
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn api_started_before_its_database_waits_for_it_then_serves() -> anyhow::Result<()> {
+    let env = TestEnv::start(EnvOptions {
+        workers: 1,
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse()?).await?;
+    proxy.cut();
+    let via_proxy = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
+    let api_env = [("DATABASE_URL", via_proxy.as_str())];
+    let starting = chatq_tests::spawn_api(&env, &api_env);
+    let restore_later = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        proxy.restore();
+    };
+    let (api2, ()) = tokio::join!(starting, restore_later);
+    let api2 = api2?;
+
+    let r = api2
+        .api
+        .post("/v1/chat", &key, &json!({"content": "late start"}))
+        .await?;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = api2.api.wait_terminal(&key, &r.str("id"), DEADLINE).await?;
+    assert_eq!(job["status"], "succeeded");
+    env.job_summary().await?.assert_all_succeeded_once(1);
+    drop(api2);
+    env.cleanup().await;
+    Ok(())
+}
