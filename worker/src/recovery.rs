@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use chatq_common::db::jobs;
 use chatq_common::queue::Publisher;
+use uuid::Uuid;
 
 /// Pause between recovery passes.
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
@@ -42,6 +43,10 @@ async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyh
             jobs = requeued.len(),
             "requeued running jobs whose lease lapsed"
         );
+        // Their messages are gone (acked when the claim failed): publish now
+        // rather than after the relay's grace. A crash here leaves them to the relay.
+        let published = publish_all(publisher, &requeued).await;
+        jobs::mark_published_many(db, &published).await?;
     }
     loop {
         let mut tx = db.begin().await?;
@@ -49,16 +54,7 @@ async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyh
         if ids.is_empty() {
             return Ok(());
         }
-        let mut published = Vec::with_capacity(ids.len());
-        for id in &ids {
-            match publisher.publish_job(*id).await {
-                Ok(()) => published.push(*id),
-                Err(err) => {
-                    tracing::warn!(job_id = %id, error = %err, "relay publish failed");
-                    break;
-                }
-            }
-        }
+        let published = publish_all(publisher, &ids).await;
         jobs::mark_published_many(&mut *tx, &published).await?;
         tx.commit().await?;
         tracing::info!(jobs = published.len(), "relay published unconfirmed jobs");
@@ -66,4 +62,19 @@ async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyh
             return Ok(());
         }
     }
+}
+
+/// Publishes the jobs in order until one fails; returns those confirmed.
+async fn publish_all(publisher: &Publisher, ids: &[Uuid]) -> Vec<Uuid> {
+    let mut published = Vec::with_capacity(ids.len());
+    for id in ids {
+        match publisher.publish_job(*id).await {
+            Ok(()) => published.push(*id),
+            Err(err) => {
+                tracing::warn!(job_id = %id, error = %err, "relay publish failed");
+                break;
+            }
+        }
+    }
+    published
 }
