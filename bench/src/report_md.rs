@@ -3,7 +3,6 @@
 use std::fmt::Write;
 
 use crate::report::{AllResults, table, targets, verdict};
-use crate::scenarios::f;
 
 /// The report as Markdown; `svg` is the picture's file name, if written.
 pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
@@ -87,42 +86,7 @@ fn submit(s: &mut String, r: &AllResults) {
         x.duration_s,
         crate::baseline::MAX_PG_CONNECTIONS
     );
-    let rows: Vec<Vec<String>> = x
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.clients.to_string(),
-                f(row.chatq.ok_per_s, 0),
-                f(row.chatq.latency.p50_ms, 1),
-                f(row.chatq.latency.p95_ms, 1),
-                f(row.chatq.latency.p99_ms, 1),
-                row.chatq.errors_text(),
-                format!(
-                    "{} ({} conns)",
-                    f(row.pg_insert.ok_per_s, 0),
-                    row.pg_insert.clients
-                ),
-                f(row.rabbit_publish.ok_per_s, 0),
-                format!("{:.0}%", row.ratio * 100.0),
-            ]
-        })
-        .collect();
-    table(
-        s,
-        &[
-            "clients",
-            "accepted/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "errors",
-            "INSERT+COMMIT/s",
-            "confirmed publishes/s",
-            "ratio",
-        ],
-        &rows,
-    );
+    x.table().markdown(s);
     let h = &x.healthz;
     let _ = writeln!(
         s,
@@ -147,36 +111,7 @@ fn overhead(s: &mut String, r: &AllResults) {
          overhead = sample − L. Two workers, concurrency 64 each.\n",
         x.mock_latency_ms
     );
-    let rows: Vec<Vec<String>> = x
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.load.clone(),
-                row.e2e.clients.to_string(),
-                row.e2e.ok.to_string(),
-                f(row.e2e.latency.p50_ms, 1),
-                f(row.e2e.latency.p99_ms, 1),
-                f(row.overhead_p50_ms, 1),
-                f(row.overhead_p99_ms, 1),
-                row.e2e.errors_text(),
-            ]
-        })
-        .collect();
-    table(
-        s,
-        &[
-            "load",
-            "clients",
-            "jobs",
-            "e2e p50 ms",
-            "e2e p99 ms",
-            "overhead p50 ms",
-            "overhead p99 ms",
-            "errors",
-        ],
-        &rows,
-    );
+    x.table().markdown(s);
     s.push_str("The overhead is the submit transaction and confirm, the broker hop, the worker's claim and result transactions, and the long-poll wake-up; under heavy load it also includes queueing for the CPUs.\n\n");
 }
 
@@ -197,42 +132,7 @@ fn burst(s: &mut String, r: &AllResults) {
         x.n,
         crate::scenarios::burst::CLIENTS
     );
-    let rows: Vec<Vec<String>> = x
-        .runs
-        .iter()
-        .map(|b| {
-            vec![
-                b.workers.to_string(),
-                b.accepted.to_string(),
-                format!("{} ({})", b.rejected_429, b.retried),
-                b.status_5xx.to_string(),
-                b.timeouts.to_string(),
-                f(b.submit_s, 1),
-                f(b.submit_per_s, 0),
-                f(b.drain_s, 1),
-                b.succeeded.to_string(),
-                b.lost.to_string(),
-                b.duplicates.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        s,
-        &[
-            "workers",
-            "accepted",
-            "429 (retries)",
-            "5xx",
-            "timeouts",
-            "submit s",
-            "accepted/s",
-            "drain s (after submit)",
-            "succeeded",
-            "lost",
-            "duplicates",
-        ],
-        &rows,
-    );
+    x.table().markdown(s);
     s.push_str("Workers drain while the burst is still arriving, so \"drain s\" is only what remains after the last submission. With the mock answering at once, a job costs the worker two PostgreSQL transactions and an ack; more worker processes compete for the same 2 CPUs with the api, PostgreSQL and RabbitMQ.\n\n");
 }
 
@@ -250,32 +150,7 @@ fn concurrency(s: &mut String, r: &AllResults) {
          percentile (ramp-up and tail excluded). Peak RSS is the worker's VmHWM.\n",
         x.jobs, x.concurrency, x.mock_latency_ms, x.ideal_per_s
     );
-    table(
-        s,
-        &[
-            "completions/s",
-            "ideal/s",
-            "ratio",
-            "peak LLM calls in flight",
-            "drain s",
-            "succeeded",
-            "not terminal",
-            "worker peak RSS MB",
-        ],
-        &[vec![
-            f(x.completions_per_s, 0),
-            f(x.ideal_per_s, 0),
-            format!(
-                "{:.0}%",
-                100.0 * x.completions_per_s / x.ideal_per_s.max(1e-9)
-            ),
-            x.peak_in_flight.to_string(),
-            f(x.drain_s, 1),
-            x.succeeded.to_string(),
-            x.not_terminal.to_string(),
-            f(x.worker_peak_rss_mb, 1),
-        ]],
-    );
+    x.table().markdown(s);
     s.push_str("At 2,000 completions/s each job's claim and result transactions (≈4,000 commits/s) compete with the mock and the worker for the CPUs; that, not the worker's concurrency limit, bounds this figure here.\n\n");
 }
 
@@ -285,19 +160,7 @@ fn reads(s: &mut String, r: &AllResults) {
         s.push_str("Not run.\n\n");
         return;
     };
-    let g = &x.get_job;
-    table(
-        s,
-        &["clients", "jobs", "req/s", "p50 ms", "p99 ms", "errors"],
-        &[vec![
-            g.clients.to_string(),
-            x.jobs.to_string(),
-            f(g.ok_per_s, 0),
-            f(g.latency.p50_ms, 2),
-            f(g.latency.p99_ms, 2),
-            g.errors_text(),
-        ]],
-    );
+    x.table().markdown(s);
     let _ = writeln!(
         s,
         "Each read authenticates the key and selects one job by primary key. {}.\n",
@@ -320,31 +183,6 @@ fn scaling(s: &mut String, r: &AllResults) {
         crate::scenarios::scaling::CONCURRENCY,
         crate::scenarios::scaling::MOCK_LATENCY_MS
     );
-    let rows: Vec<Vec<String>> = x
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.workers.to_string(),
-                f(row.completions_per_s, 0),
-                f(row.ideal_per_s, 0),
-                format!("{:.2}×", row.ratio_to_one),
-                f(row.drain_s, 1),
-                row.not_terminal.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        s,
-        &[
-            "workers",
-            "completions/s",
-            "ideal/s",
-            "vs 1 worker",
-            "drain s",
-            "not terminal",
-        ],
-        &rows,
-    );
+    x.table().markdown(s);
     s.push_str("Scaling is near-linear while the ideal rate is below what the 2 CPUs can commit; past that, extra worker processes only share the same CPUs and the same PostgreSQL.\n");
 }

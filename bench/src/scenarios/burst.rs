@@ -12,8 +12,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::ctx::{Ctx, EndState, wait_drained};
-use crate::load::{self, Outcome, Stop, print_table};
-use crate::scenarios::f;
+use crate::load::{self, Outcome, Stop};
+use crate::scenarios::{Table, f};
 use crate::system::SystemOptions;
 
 /// Clients sending the burst.
@@ -169,41 +169,50 @@ async fn one(ctx: &Ctx, workers: usize) -> anyhow::Result<BurstRun> {
     })
 }
 
+impl BurstResult {
+    /// The per-worker-count table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        let rows = self
+            .runs
+            .iter()
+            .map(|run| {
+                vec![
+                    run.workers.to_string(),
+                    run.accepted.to_string(),
+                    format!("{} ({})", run.rejected_429, run.retried),
+                    run.status_5xx.to_string(),
+                    run.timeouts.to_string(),
+                    f(run.submit_s, 1),
+                    f(run.submit_per_s, 0),
+                    f(run.drain_s, 1),
+                    run.succeeded.to_string(),
+                    run.lost.to_string(),
+                    run.duplicates.to_string(),
+                ]
+            })
+            .collect();
+        Table {
+            headers: &[
+                "workers",
+                "accepted",
+                "429 (retries)",
+                "5xx",
+                "timeouts",
+                "submit s",
+                "accepted/s",
+                "drain s (after submit)",
+                "succeeded",
+                "lost",
+                "duplicates",
+            ],
+            rows,
+        }
+    }
+}
+
 fn print(r: &BurstResult) {
-    let rows: Vec<Vec<String>> = r
-        .runs
-        .iter()
-        .map(|run| {
-            vec![
-                run.workers.to_string(),
-                run.accepted.to_string(),
-                format!("{} ({})", run.rejected_429, run.retried),
-                run.status_5xx.to_string(),
-                run.timeouts.to_string(),
-                f(run.submit_s, 1),
-                f(run.submit_per_s, 0),
-                f(run.drain_s, 1),
-                run.succeeded.to_string(),
-                run.lost.to_string(),
-                run.duplicates.to_string(),
-            ]
-        })
-        .collect();
-    print_table(
-        &format!("burst: {} submissions from {CLIENTS} clients", r.n),
-        &[
-            "workers",
-            "accepted",
-            "429 (retried)",
-            "5xx",
-            "timeouts",
-            "submit s",
-            "accepted/s",
-            "drain s",
-            "succeeded",
-            "lost",
-            "duplicates",
-        ],
-        &rows,
-    );
+    r.table().print(&format!(
+        "burst: {} submissions from {CLIENTS} clients",
+        r.n
+    ));
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ctx::{Ctx, completion_rate, end_state, prefill};
-use crate::load::print_table;
-use crate::scenarios::f;
+use crate::scenarios::{Table, f};
 use crate::system::{System, SystemOptions, peak_rss_bytes};
 
 /// `CHATQ_WORKER_CONCURRENCY`.
@@ -111,32 +110,40 @@ async fn measure(ctx: &Ctx, sys: &mut System) -> anyhow::Result<ConcurrencyResul
     })
 }
 
+impl ConcurrencyResult {
+    /// The one-row table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        Table {
+            headers: &[
+                "completions/s",
+                "ideal/s",
+                "ratio",
+                "peak LLM calls in flight",
+                "drain s",
+                "succeeded",
+                "not terminal",
+                "worker peak RSS MB",
+            ],
+            rows: vec![vec![
+                f(self.completions_per_s, 0),
+                f(self.ideal_per_s, 0),
+                format!(
+                    "{:.0}%",
+                    100.0 * self.completions_per_s / self.ideal_per_s.max(1e-9)
+                ),
+                self.peak_in_flight.to_string(),
+                f(self.drain_s, 1),
+                self.succeeded.to_string(),
+                self.not_terminal.to_string(),
+                f(self.worker_peak_rss_mb, 1),
+            ]],
+        }
+    }
+}
+
 fn print(r: &ConcurrencyResult) {
-    let rows = vec![vec![
-        r.jobs.to_string(),
-        f(r.completions_per_s, 0),
-        f(r.ideal_per_s, 0),
-        r.peak_in_flight.to_string(),
-        f(r.drain_s, 1),
-        r.succeeded.to_string(),
-        r.not_terminal.to_string(),
-        f(r.worker_peak_rss_mb, 1),
-    ]];
-    print_table(
-        &format!(
-            "concurrency: one worker, concurrency {}, mock latency {} ms",
-            r.concurrency, r.mock_latency_ms
-        ),
-        &[
-            "jobs",
-            "completions/s",
-            "ideal/s",
-            "peak in flight",
-            "drain s",
-            "succeeded",
-            "not terminal",
-            "peak RSS MB",
-        ],
-        &rows,
-    );
+    r.table().print(&format!(
+        "concurrency: {} jobs, one worker, concurrency {}, mock latency {} ms",
+        r.jobs, r.concurrency, r.mock_latency_ms
+    ));
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ctx::{Ctx, Target, is_terminal};
-use crate::load::{self, LoadResult, Outcome, Stop, print_table};
-use crate::scenarios::f;
+use crate::load::{self, LoadResult, Outcome, Stop};
+use crate::scenarios::{Table, f};
 use crate::system::SystemOptions;
 
 /// The mock LLM latency subtracted from every sample.
@@ -110,38 +110,44 @@ async fn e2e_once(t: &Target, content: &str) -> Outcome {
     Outcome::Err("not_terminal".into())
 }
 
+impl OverheadResult {
+    /// The per-load table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        let rows = self
+            .rows
+            .iter()
+            .map(|row| {
+                vec![
+                    row.load.clone(),
+                    row.e2e.clients.to_string(),
+                    row.e2e.ok.to_string(),
+                    f(row.e2e.latency.p50_ms, 1),
+                    f(row.e2e.latency.p99_ms, 1),
+                    f(row.overhead_p50_ms, 1),
+                    f(row.overhead_p99_ms, 1),
+                    row.e2e.errors_text(),
+                ]
+            })
+            .collect();
+        Table {
+            headers: &[
+                "load",
+                "clients",
+                "jobs",
+                "e2e p50 ms",
+                "e2e p99 ms",
+                "overhead p50 ms",
+                "overhead p99 ms",
+                "errors",
+            ],
+            rows,
+        }
+    }
+}
+
 fn print(r: &OverheadResult) {
-    let rows: Vec<Vec<String>> = r
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.load.clone(),
-                row.e2e.clients.to_string(),
-                row.e2e.ok.to_string(),
-                f(row.e2e.latency.p50_ms, 1),
-                f(row.e2e.latency.p99_ms, 1),
-                f(row.overhead_p50_ms, 1),
-                f(row.overhead_p99_ms, 1),
-                row.e2e.errors_text(),
-            ]
-        })
-        .collect();
-    print_table(
-        &format!(
-            "overhead: end-to-end latency minus the mock's {} ms",
-            r.mock_latency_ms
-        ),
-        &[
-            "load",
-            "clients",
-            "jobs",
-            "e2e p50",
-            "e2e p99",
-            "overhead p50",
-            "overhead p99",
-            "errors",
-        ],
-        &rows,
-    );
+    r.table().print(&format!(
+        "overhead: end-to-end latency minus the mock's {} ms",
+        r.mock_latency_ms
+    ));
 }

@@ -9,8 +9,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::ctx::{Ctx, Target, prefill};
-use crate::load::{self, LoadResult, Outcome, Stop, print_table};
-use crate::scenarios::f;
+use crate::load::{self, LoadResult, Outcome, Stop};
+use crate::scenarios::{Table, f};
 use crate::system::SystemOptions;
 
 /// Said in the table and the report.
@@ -80,20 +80,25 @@ async fn measure(ctx: &Ctx, target: &Target, n: u64) -> anyhow::Result<ReadsResu
     })
 }
 
+impl ReadsResult {
+    /// The one-row table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        let g = &self.get_job;
+        Table {
+            headers: &["clients", "jobs", "req/s", "p50 ms", "p99 ms", "errors"],
+            rows: vec![vec![
+                g.clients.to_string(),
+                self.jobs.to_string(),
+                f(g.ok_per_s, 0),
+                f(g.latency.p50_ms, 2),
+                f(g.latency.p99_ms, 2),
+                g.errors_text(),
+            ]],
+        }
+    }
+}
+
 fn print(r: &ReadsResult) {
-    let g = &r.get_job;
-    let rows = vec![vec![
-        g.clients.to_string(),
-        r.jobs.to_string(),
-        f(g.ok_per_s, 0),
-        f(g.latency.p50_ms, 2),
-        f(g.latency.p99_ms, 2),
-        g.errors_text(),
-    ]];
-    print_table(
-        "reads: GET /v1/jobs/{id}",
-        &["clients", "jobs", "req/s", "p50 ms", "p99 ms", "errors"],
-        &rows,
-    );
+    r.table().print("reads: GET /v1/jobs/{id}");
     println!("  {}", r.note);
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ctx::{Ctx, completion_rate, prefill, wait_drained};
-use crate::load::print_table;
-use crate::scenarios::f;
+use crate::scenarios::{Table, f};
 use crate::system::SystemOptions;
 
 /// Concurrency per worker.
@@ -84,34 +83,40 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ScalingResult> {
     Ok(r)
 }
 
+impl ScalingResult {
+    /// The per-worker-count table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        let rows = self
+            .rows
+            .iter()
+            .map(|row| {
+                vec![
+                    row.workers.to_string(),
+                    f(row.completions_per_s, 0),
+                    f(row.ideal_per_s, 0),
+                    format!("{:.2}×", row.ratio_to_one),
+                    f(row.drain_s, 1),
+                    row.not_terminal.to_string(),
+                ]
+            })
+            .collect();
+        Table {
+            headers: &[
+                "workers",
+                "completions/s",
+                "ideal/s",
+                "vs 1 worker",
+                "drain s",
+                "not terminal",
+            ],
+            rows,
+        }
+    }
+}
+
 fn print(r: &ScalingResult) {
-    let rows: Vec<Vec<String>> = r
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.workers.to_string(),
-                f(row.completions_per_s, 0),
-                f(row.ideal_per_s, 0),
-                format!("{:.2}x", row.ratio_to_one),
-                f(row.drain_s, 1),
-                row.not_terminal.to_string(),
-            ]
-        })
-        .collect();
-    print_table(
-        &format!(
-            "scaling: {} jobs, concurrency {CONCURRENCY} per worker, mock latency {MOCK_LATENCY_MS} ms",
-            r.jobs
-        ),
-        &[
-            "workers",
-            "completions/s",
-            "ideal/s",
-            "vs 1 worker",
-            "drain s",
-            "not terminal",
-        ],
-        &rows,
-    );
+    r.table().print(&format!(
+        "scaling: {} jobs, concurrency {CONCURRENCY} per worker, mock latency {MOCK_LATENCY_MS} ms",
+        r.jobs
+    ));
 }

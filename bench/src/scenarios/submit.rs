@@ -9,8 +9,8 @@ use sqlx::PgPool;
 
 use crate::baseline;
 use crate::ctx::{Ctx, Target, wait_idle};
-use crate::load::{self, LoadResult, Outcome, Stop, print_table};
-use crate::scenarios::f;
+use crate::load::{self, LoadResult, Outcome, Stop};
+use crate::scenarios::{Table, f};
 use crate::system::{self, SystemOptions};
 
 /// One concurrency level.
@@ -141,43 +141,50 @@ async fn submit_load(target: &Target, clients: usize, d: Duration) -> LoadResult
     .await
 }
 
+impl SubmitResult {
+    /// The per-concurrency table, for stdout and the report.
+    pub fn table(&self) -> Table {
+        let rows = self
+            .rows
+            .iter()
+            .map(|row| {
+                vec![
+                    row.clients.to_string(),
+                    f(row.chatq.ok_per_s, 0),
+                    f(row.chatq.latency.p50_ms, 1),
+                    f(row.chatq.latency.p95_ms, 1),
+                    f(row.chatq.latency.p99_ms, 1),
+                    row.chatq.errors_text(),
+                    format!(
+                        "{} ({} conns)",
+                        f(row.pg_insert.ok_per_s, 0),
+                        row.pg_insert.clients
+                    ),
+                    f(row.rabbit_publish.ok_per_s, 0),
+                    format!("{:.0}%", row.ratio * 100.0),
+                ]
+            })
+            .collect();
+        Table {
+            headers: &[
+                "clients",
+                "accepted/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "errors",
+                "INSERT+COMMIT/s",
+                "confirmed publishes/s",
+                "ratio",
+            ],
+            rows,
+        }
+    }
+}
+
 fn print(r: &SubmitResult) {
-    let rows: Vec<Vec<String>> = r
-        .rows
-        .iter()
-        .map(|row| {
-            vec![
-                row.clients.to_string(),
-                f(row.chatq.ok_per_s, 0),
-                f(row.chatq.latency.p50_ms, 1),
-                f(row.chatq.latency.p95_ms, 1),
-                f(row.chatq.latency.p99_ms, 1),
-                row.chatq.errors_text(),
-                format!(
-                    "{} ({} conns)",
-                    f(row.pg_insert.ok_per_s, 0),
-                    row.pg_insert.clients
-                ),
-                f(row.rabbit_publish.ok_per_s, 0),
-                format!("{:.0}%", row.ratio * 100.0),
-            ]
-        })
-        .collect();
-    print_table(
-        "submit: POST /v1/chat accepted/s vs the machine's limits",
-        &[
-            "clients",
-            "accepted/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "errors",
-            "pg insert/s",
-            "rabbit pub/s",
-            "ratio",
-        ],
-        &rows,
-    );
+    r.table()
+        .print("submit: POST /v1/chat accepted/s vs the machine's limits");
     println!(
         "  load generator ceiling: GET /healthz at {} clients: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, errors {})",
         r.healthz.clients,
