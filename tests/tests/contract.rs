@@ -537,6 +537,29 @@ async fn busy_conversation_and_idempotency_keys_answer_409_or_replay() -> anyhow
         .await?;
     assert_eq!((busy.status, busy.error_code()), (409, "conversation_busy"));
 
+    // Concurrent twins with one key on a fresh conversation: one job, all 202.
+    let conv2 = api.create_conversation(&key_a, &json!({})).await?;
+    let path2 = format!("/v1/conversations/{conv2}/messages");
+    let twins = (0..8).map(|_| {
+        api.raw(
+            Method::POST,
+            &path2,
+            Some(&key_a),
+            Some((ct, br#"{"content": "twin"}"#.to_vec())),
+            &[("idempotency-key", "k-twin")],
+        )
+    });
+    let answers = futures_util::future::try_join_all(twins).await?;
+    assert!(
+        answers.iter().all(|r| r.status == 202),
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(
+        answers.iter().all(|r| r.str("id") == answers[0].str("id")),
+        "one job for all twins"
+    );
+
     // Idempotency keys are per tenant.
     let conv_b = api.create_conversation(&key_b, &json!({})).await?;
     let b = api
@@ -559,7 +582,7 @@ async fn busy_conversation_and_idempotency_keys_answer_409_or_replay() -> anyhow
         .await?;
     assert_eq!(
         (jobs, user_msgs),
-        (2, 2),
+        (3, 3),
         "replays and conflicts stored nothing"
     );
     env.cleanup().await;

@@ -208,7 +208,7 @@ fn request_hash(request: &impl Serialize) -> Vec<u8> {
     sha2::Sha256::digest(&bytes).to_vec()
 }
 
-/// Stores the turn and its job in one transaction, publishes, answers 202.
+/// Stores the turn and its job (one statement), publishes, answers 202.
 pub async fn submit_turn(
     state: &AppState,
     tenant: &Tenant,
@@ -232,6 +232,14 @@ pub async fn submit_turn(
                 .ok_or(ApiError::Conflict(
                     "idempotency key was just used by a request that did not complete",
                 ));
+        }
+        // A concurrent twin with the same key may have made the conversation
+        // busy before either reached the key's constraint: replay it.
+        Err(ApiError::ConversationBusy) if idempotency_key.is_some() => {
+            let key = idempotency_key.unwrap_or_default();
+            return replay(state, tenant, key, request_hash)
+                .await?
+                .ok_or(ApiError::ConversationBusy);
         }
         other => other?,
     };
