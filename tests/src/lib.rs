@@ -205,6 +205,13 @@ impl TestEnv {
         Ok(env)
     }
 
+    /// Starts a deployment and creates an API key for tenant `acme`.
+    pub async fn start_with_key(opts: EnvOptions) -> anyhow::Result<(Self, String)> {
+        let env = Self::start(opts).await?;
+        let (_, key) = env.create_key("acme").await?;
+        Ok((env, key))
+    }
+
     /// Starts one more worker process, with extra environment.
     pub async fn start_worker(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<usize> {
         self.start_worker_with_args(&[], extra).await

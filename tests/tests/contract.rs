@@ -24,12 +24,11 @@ async fn row_counts(env: &TestEnv) -> anyhow::Result<(i64, i64, i64)> {
 #[tokio::test]
 async fn malformed_input_is_rejected_with_the_documented_status_and_changes_nothing()
 -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let conv = env.api.create_conversation(&key, &json!({})).await?;
     let submit = format!("/v1/conversations/{conv}/messages");
     let before = row_counts(&env).await?;
@@ -656,12 +655,11 @@ async fn another_tenants_resources_are_404_and_stay_unchanged() -> anyhow::Resul
 
 #[tokio::test]
 async fn conversations_paginate_and_delete_removes_messages_and_jobs() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let api = &env.api;
     let mut ids = vec![];
     for i in 0..5 {

@@ -56,14 +56,13 @@ async fn mock_in_flight(env: &TestEnv) -> anyhow::Result<i64> {
 
 #[tokio::test]
 async fn jobs_of_a_killed_worker_are_finished_by_another() -> anyhow::Result<()> {
-    let mut env = TestEnv::start(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "2000")]),
         worker_env: env_of(&[("CHATQ_LEASE_SECS", "3")]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let first = env.start_worker(&[]).await?;
     submit_chats(&env, &key, 50, "kill").await?;
     eventually("50 calls in flight", DEADLINE, || async {
@@ -160,7 +159,7 @@ async fn worker_reconnects_and_consumes_after_its_broker_connection_is_cut() -> 
 
 #[tokio::test]
 async fn flaky_llm_is_retried_until_every_job_succeeds() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 2,
         mock_env: env_of(&[
             ("CHATQ_MOCK_RATE_429", "0.3"),
@@ -171,7 +170,6 @@ async fn flaky_llm_is_retried_until_every_job_succeeds() -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let ids = submit_chats(&env, &key, 40, "flaky").await?;
     wait_terminal_count(&env, 40).await?;
 
@@ -211,13 +209,12 @@ async fn flaky_llm_is_retried_until_every_job_succeeds() -> anyhow::Result<()> {
 #[tokio::test]
 async fn permanent_and_malformed_llm_answers_fail_cleanly_and_are_dead_lettered()
 -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 1,
         worker_env: env_of(&[("CHATQ_MAX_ATTEMPTS", "2"), ("CHATQ_LLM_TIMEOUT_SECS", "1")]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     // (directive, expected code, expected attempts)
     let cases = [
         ("[mock:status=400]", "llm_rejected", 1),
@@ -274,8 +271,7 @@ async fn permanent_and_malformed_llm_answers_fail_cleanly_and_are_dead_lettered(
 
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions::default()).await?;
-    let (_, key) = env.create_key("acme").await?;
+    let (env, key) = TestEnv::start_with_key(EnvOptions::default()).await?;
     env.publish_raw(b"this is not json").await?;
     env.publish_raw(
         format!(
@@ -312,13 +308,12 @@ async fn poison_messages_are_dead_lettered_and_the_worker_keeps_going() -> anyho
 
 #[tokio::test]
 async fn duplicate_deliveries_cost_one_llm_call_per_job() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 4,
         mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "200")]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let ids = submit_chats(&env, &key, 40, "dup").await?;
     for id in &ids {
         env.publish_raw(format!(r#"{{"type":"chat_v1","job_id":"{id}"}}"#).as_bytes())
@@ -346,13 +341,12 @@ async fn duplicate_deliveries_cost_one_llm_call_per_job() -> anyhow::Result<()> 
 #[tokio::test]
 async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing()
 -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         api_env: env_of(&[("CHATQ_MAX_QUEUE_LENGTH", "5")]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let mut statuses = vec![];
     for i in 0..8 {
         let r = env
@@ -436,13 +430,12 @@ async fn worker_with_calls_in_flight(
     grace: &str,
     n: usize,
 ) -> anyhow::Result<(TestEnv, usize, String)> {
-    let mut env = TestEnv::start(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", latency_ms)]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let w = env
         .start_worker(&[("CHATQ_SHUTDOWN_GRACE_SECS", grace)])
         .await?;
@@ -485,12 +478,11 @@ async fn sigterm_past_the_grace_period_returns_jobs_to_the_queue() -> anyhow::Re
 
 #[tokio::test]
 async fn drain_mode_works_the_queue_until_empty_then_exits_zero() -> anyhow::Result<()> {
-    let mut env = TestEnv::start(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     submit_chats(&env, &key, 30, "drain").await?;
     let queues = env
         .api
@@ -516,7 +508,7 @@ async fn drain_mode_works_the_queue_until_empty_then_exits_zero() -> anyhow::Res
 #[tokio::test]
 async fn long_retry_delays_wait_in_the_broker_without_holding_a_worker_slot() -> anyhow::Result<()>
 {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 1,
         mock_env: env_of(&[("CHATQ_MOCK_RETRY_AFTER_SECS", "2")]),
         worker_env: env_of(&[
@@ -526,7 +518,6 @@ async fn long_retry_delays_wait_in_the_broker_without_holding_a_worker_slot() ->
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let slow_conv = env.api.create_conversation(&key, &json!({})).await?;
     let slow = env
         .api
@@ -576,12 +567,11 @@ async fn long_retry_delays_wait_in_the_broker_without_holding_a_worker_slot() ->
 #[tokio::test]
 async fn a_message_redelivered_after_the_commit_is_acked_without_a_second_call()
 -> anyhow::Result<()> {
-    let mut env = TestEnv::start(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let doomed = env
         .start_worker(&[("CHATQ_FAILPOINT", "exit_before_ack")])
         .await?;
@@ -652,12 +642,11 @@ async fn database_connection_cut_mid_run_every_job_still_ends_once() -> anyhow::
 #[tokio::test]
 async fn api_answers_503_not_500_while_the_database_is_unreachable() -> anyhow::Result<()> {
     let proxy = FaultProxy::start("127.0.0.1:5432".parse()?).await?;
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     // A second api process whose database goes through the proxy.
     let via_proxy = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);
     let api2 = chatq_tests::spawn_api(&env, &[("DATABASE_URL", &via_proxy)]).await?;
@@ -714,13 +703,12 @@ async fn api_answers_503_not_500_while_the_database_is_unreachable() -> anyhow::
 #[tokio::test]
 async fn burst_of_5000_submissions_from_200_clients_loses_and_duplicates_nothing()
 -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 2,
         api_env: env_of(&[("CHATQ_DB_MAX_CONNECTIONS", "10")]),
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let (clients, per_client) = (200, 25);
     let tasks = (0..clients).map(|c| {
         let (api, key) = (env.api.clone(), key.clone());
@@ -761,12 +749,11 @@ async fn burst_of_5000_submissions_from_200_clients_loses_and_duplicates_nothing
 
 #[tokio::test]
 async fn api_started_before_its_database_waits_for_it_then_serves() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 1,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let proxy = FaultProxy::start("127.0.0.1:5432".parse()?).await?;
     proxy.cut();
     let via_proxy = format!("postgres://postgres@{}/{}", proxy.addr, env.db_name);

@@ -12,8 +12,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[tokio::test]
 async fn submitted_message_gets_one_assistant_reply_stored_in_postgres() -> anyhow::Result<()> {
     // Arrange
-    let env = TestEnv::start(EnvOptions::default()).await?;
-    let (_, key) = env.create_key("acme").await?;
+    let (env, key) = TestEnv::start_with_key(EnvOptions::default()).await?;
     let conv = env
         .api
         .create_conversation(&key, &json!({"system_prompt": "be brief"}))
@@ -99,8 +98,7 @@ async fn submitted_message_gets_one_assistant_reply_stored_in_postgres() -> anyh
 
 #[tokio::test]
 async fn second_turn_prompt_contains_the_first_reply() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions::default()).await?;
-    let (_, key) = env.create_key("acme").await?;
+    let (env, key) = TestEnv::start_with_key(EnvOptions::default()).await?;
     let conv = env.api.create_conversation(&key, &json!({})).await?;
 
     let first = env.api.submit(&key, &conv, "first question").await?;
@@ -135,12 +133,11 @@ async fn second_turn_prompt_contains_the_first_reply() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn two_hundred_concurrent_conversations_each_get_exactly_one_reply() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 2,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let n = 200;
 
     let submissions = (0..n).map(|i| {
@@ -191,8 +188,7 @@ async fn two_hundred_concurrent_conversations_each_get_exactly_one_reply() -> an
 
 #[tokio::test]
 async fn llm_errors_are_retried_or_fail_the_job_with_a_clear_code() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions::default()).await?;
-    let (_, key) = env.create_key("acme").await?;
+    let (env, key) = TestEnv::start_with_key(EnvOptions::default()).await?;
 
     // Two 500s, then success: retried in-process, three attempts.
     let conv = env.api.create_conversation(&key, &json!({})).await?;
@@ -236,12 +232,11 @@ async fn llm_errors_are_retried_or_fail_the_job_with_a_clear_code() -> anyhow::R
 async fn long_poll_returns_when_the_job_finishes_and_cancel_stops_a_queued_job()
 -> anyhow::Result<()> {
     // No workers: jobs stay queued until we say so.
-    let mut env = TestEnv::start(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
 
     let conv = env.api.create_conversation(&key, &json!({})).await?;
     let job = env.api.submit(&key, &conv, "to be cancelled").await?;

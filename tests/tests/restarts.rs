@@ -84,13 +84,12 @@ async fn wait_all_succeeded(env: &TestEnv, n: i64) -> anyhow::Result<()> {
 #[tokio::test]
 async fn rabbitmq_restart_loses_nothing_and_workers_consume_again() -> anyhow::Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 2,
         mock_env: vec![("CHATQ_MOCK_LATENCY_MS".into(), "500".into())],
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let before = submit_many(&env, &key, 20, "before").await?;
 
     let _guard = ServiceGuard {
@@ -115,13 +114,12 @@ async fn rabbitmq_restart_loses_nothing_and_workers_consume_again() -> anyhow::R
 async fn postgresql_restart_mid_run_every_job_still_ends_once() -> anyhow::Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let version = pg_cluster_version()?;
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 2,
         mock_env: vec![("CHATQ_MOCK_LATENCY_MS".into(), "1000".into())],
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let accepted = submit_many(&env, &key, 30, "pg").await?;
 
     let _guard = ServiceGuard {
