@@ -588,11 +588,13 @@ async fn a_message_redelivered_after_the_commit_is_acked_without_a_second_call()
         before["status"], "succeeded",
         "the result was committed before the crash"
     );
-    assert_eq!(
-        env.queue_depth("work").await?,
-        1,
-        "the unacked message is back in the queue"
-    );
+    // The broker requeues the unacked message once it notices the dead connection.
+    eventually(
+        "the unacked message back in the queue",
+        DEADLINE,
+        || async { Ok((env.queue_depth("work").await? == 1).then_some(())) },
+    )
+    .await?;
 
     env.start_worker(&[]).await?;
     eventually("redelivery settled", DEADLINE, || async {
