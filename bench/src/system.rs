@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqlx::PgPool;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -95,14 +94,9 @@ async fn delete_queues(infra: &Infra, prefix: &str) {
     if let Ok(conn) = lapin::Connection::connect(&infra.amqp_url, props).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for q in ["work", "dead", "retry.2s", "retry.10s", "retry.60s"] {
-            let name = format!("{prefix}.{q}");
-            let opts = lapin::options::QueueDeleteOptions::default();
-            let _ = ch.queue_delete(name.as_str().into(), opts).await;
-        }
-        let name = format!("{prefix}.dlx");
-        let opts = lapin::options::ExchangeDeleteOptions::default();
-        let _ = ch.exchange_delete(name.as_str().into(), opts).await;
+        let _ = chatq_common::queue::Topology::with_prefix(prefix, 0)
+            .delete(&ch)
+            .await;
         let _ = conn.close(200, "bench done".into()).await;
     }
 }
@@ -135,22 +129,6 @@ fn command(name: &str, envs: &[(String, String)]) -> anyhow::Result<Command> {
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     Ok(cmd)
-}
-
-/// Reads the `... listening on http://IP:PORT` line, then keeps draining stdout.
-async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<String> {
-    let stdout = child.stdout.take().context("child stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .with_context(|| format!("{what} did not start within 60 s"))??
-        .with_context(|| format!("{what} exited before listening"))?;
-    let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
-    if !url.starts_with("http://") {
-        bail!("{what} printed an unexpected first line: {line}");
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(url)
 }
 
 /// A running private deployment.
@@ -229,7 +207,7 @@ impl System {
         let mut mock = command("chatq-mock-llm", &mock_env)?
             .spawn()
             .context("starting chatq-mock-llm")?;
-        let mock_url = read_listen_line(&mut mock, "chatq-mock-llm").await;
+        let mock_url = chatq_tests::read_listen_line(&mut mock, "chatq-mock-llm").await;
         self.children.push(mock);
         self.mock_url = mock_url?;
 
@@ -249,7 +227,7 @@ impl System {
         let mut api = command("chatq-api", &api_env)?
             .spawn()
             .context("starting chatq-api")?;
-        let api_url = read_listen_line(&mut api, "chatq-api").await;
+        let api_url = chatq_tests::read_listen_line(&mut api, "chatq-api").await;
         self.children.push(api);
         self.api_url = api_url?;
 

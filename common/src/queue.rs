@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -75,17 +75,39 @@ pub const RETRY_DELAYS: [Duration; 3] = [
 impl Topology {
     /// The topology for these settings.
     pub fn new(args: &AmqpArgs) -> Self {
-        let p = &args.queue_prefix;
+        Self::with_prefix(&args.queue_prefix, args.max_queue_length)
+    }
+
+    /// The topology under `prefix` whose work queue holds at most `max_length`.
+    pub fn with_prefix(p: &str, max_length: u32) -> Self {
         Self {
             work_queue: format!("{p}.work"),
             dead_exchange: format!("{p}.dlx"),
             dead_queue: format!("{p}.dead"),
-            max_length: args.max_queue_length,
+            max_length,
             retry_queues: RETRY_DELAYS
                 .iter()
                 .map(|d| (*d, format!("{p}.retry.{}s", d.as_secs())))
                 .collect(),
         }
+    }
+
+    /// Deletes every queue and the exchange of this topology, messages
+    /// included (tests, benchmarks, tearing a deployment down).
+    pub async fn delete(&self, ch: &Channel) -> Result<(), QueueError> {
+        let retry = self.retry_queues.iter().map(|(_, name)| name);
+        for queue in [&self.work_queue, &self.dead_queue]
+            .into_iter()
+            .chain(retry)
+        {
+            timed(ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())).await?;
+        }
+        timed(ch.exchange_delete(
+            self.dead_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        ))
+        .await?;
+        Ok(())
     }
 
     /// The delay queue for a retry after `delay`, and how long it waits.

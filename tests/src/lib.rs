@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+use chatq_common::queue::Topology;
 pub use client::{Api, Response};
 
 /// The PostgreSQL server tests create their databases on.
@@ -102,12 +103,15 @@ pub struct TestEnv {
     cleaned: bool,
 }
 
-async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<String> {
+/// Reads the first stdout line of `chatq-api` or `chatq-mock-llm`
+/// (`… listening on http://IP:PORT`) and returns the URL; stdout keeps being
+/// drained afterwards.
+pub async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<String> {
     let stdout = child.stdout.take().context("child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
         .await
-        .with_context(|| format!("{what} did not start within 30 s"))??
+        .with_context(|| format!("{what} did not start within 60 s"))??
         .with_context(|| format!("{what} exited before listening"))?;
     let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
     if !url.starts_with("http://") {
@@ -429,20 +433,7 @@ async fn cleanup(children: Vec<Child>, db_name: String, prefix: String) {
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
     {
-        for q in ["work", "dead", "retry.2s", "retry.10s", "retry.60s"] {
-            let _ = ch
-                .queue_delete(
-                    format!("{prefix}.{q}").as_str().into(),
-                    lapin::options::QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(
-                format!("{prefix}.dlx").as_str().into(),
-                lapin::options::ExchangeDeleteOptions::default(),
-            )
-            .await;
+        let _ = Topology::with_prefix(&prefix, 0).delete(&ch).await;
         let _ = conn.close(200, "test done".into()).await;
     }
 }
