@@ -1,6 +1,10 @@
 //! Authentication: API keys (hashed lookup) for `/v1`, the admin token for
 //! `/admin/v1`. Neither is accepted in place of the other.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -35,14 +39,64 @@ impl FromRequestParts<AppState> for Tenant {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
-        let key = keys::find_active(&state.db, &keys::hash_key(token))
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
+        let hash = keys::hash_key(token);
+        let key = match state.keys.get(&hash) {
+            Some(key) => key,
+            None => {
+                let key = keys::find_active(&state.db, &hash)
+                    .await?
+                    .ok_or(ApiError::Unauthorized)?;
+                state.keys.put(hash, key.clone());
+                key
+            }
+        };
         Ok(Self {
             id: key.tenant_id,
             key_id: key.id,
             rate_limit_per_minute: key.rate_limit_per_minute,
         })
+    }
+}
+
+/// How long a key lookup is reused at most. Revocations evict at once (on
+/// the revoking replica synchronously, on the others by `NOTIFY`); the
+/// limit bounds staleness if a notification is ever missed.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Cached keys at most; the cache is emptied when it is full.
+const KEY_CACHE_CAPACITY: usize = 10_000;
+
+type CachedKeys = HashMap<[u8; 32], (keys::ActiveKey, Instant)>;
+
+/// Recent successful key lookups by key hash, so a request costs no query
+/// for authentication.
+#[derive(Clone, Default)]
+pub struct KeyCache {
+    keys: Arc<Mutex<CachedKeys>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<keys::ActiveKey> {
+        let keys = self.lock();
+        let (key, at) = keys.get(hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| key.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], key: keys::ActiveKey) {
+        let mut keys = self.lock();
+        if keys.len() >= KEY_CACHE_CAPACITY {
+            keys.clear();
+        }
+        keys.insert(hash, (key, Instant::now()));
+    }
+
+    /// Forgets every lookup: a key was revoked, or revocations may have been missed.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CachedKeys> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -2,6 +2,7 @@
 //! PostgreSQL and enqueues them on RabbitMQ. It never waits on the LLM.
 
 pub mod auth;
+pub mod batch;
 pub mod error;
 pub mod extract;
 pub mod publish;
@@ -24,6 +25,8 @@ use tower_http::trace::TraceLayer;
 use chatq_common::config::{AmqpArgs, DbArgs, parse_secs};
 use chatq_common::queue::Publisher;
 
+use crate::auth::KeyCache;
+use crate::batch::SubmitBatcher;
 use crate::publish::JobPublisher;
 use crate::watch::JobWatcher;
 
@@ -64,6 +67,10 @@ pub struct AppState {
     pub db: PgPool,
     /// Publishes jobs and records confirmed publishes.
     pub publisher: JobPublisher,
+    /// Recent API key lookups.
+    pub keys: KeyCache,
+    /// Stores concurrent submissions with one statement.
+    pub batcher: SubmitBatcher,
     /// Wakes long-polls when a job changes.
     pub watcher: JobWatcher,
     /// Settings.
@@ -75,10 +82,14 @@ impl AppState {
     pub fn new(config: ApiConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let db = config.db.pool()?;
         let publisher = JobPublisher::start(Publisher::new(&config.amqp), db.clone());
-        let watcher = JobWatcher::start(db.clone(), shutdown.clone());
+        let keys = KeyCache::default();
+        let watcher = JobWatcher::start(db.clone(), keys.clone(), shutdown.clone());
+        let batcher = SubmitBatcher::start(db.clone());
         Ok(Self {
             db,
             publisher,
+            keys,
+            batcher,
             watcher,
             config: Arc::new(config),
         })

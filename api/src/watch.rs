@@ -1,7 +1,8 @@
 //! Wakes long-polls (and event streams) when a job changes, across api
 //! replicas: workers and the api announce every change with PostgreSQL
 //! `NOTIFY`, one `LISTEN` connection per process fans it out. A waiter holds
-//! no database connection while it waits.
+//! no database connection while it waits. The same connection hears key
+//! revocations and empties the api's key cache.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use chatq_common::db::JOB_CHANNEL;
+use chatq_common::db::keys::KEY_CHANNEL;
+
+use crate::auth::KeyCache;
 
 /// Pause before re-listening after the listener connection failed.
 const RELISTEN_DELAY: Duration = Duration::from_secs(1);
@@ -35,12 +39,13 @@ pub struct JobSubscription {
 
 impl JobWatcher {
     /// Starts listening in the background until `shutdown`.
-    pub fn start(pool: PgPool, shutdown: CancellationToken) -> Self {
+    /// Key revocations announced by any replica empty `keys`.
+    pub fn start(pool: PgPool, keys: KeyCache, shutdown: CancellationToken) -> Self {
         let watcher = Self::default();
         let registry = watcher.waiters.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = listen_forever(pool, registry) => {}
+                () = listen_forever(pool, registry, keys) => {}
                 () = shutdown.cancelled() => {}
             }
         });
@@ -98,17 +103,19 @@ fn wake_all(registry: &Registry) {
     }
 }
 
-async fn listen_forever(pool: PgPool, registry: Registry) {
+async fn listen_forever(pool: PgPool, registry: Registry, keys: KeyCache) {
     loop {
         match PgListener::connect_with(&pool).await {
             Ok(mut listener) => {
-                if let Err(err) = listener.listen(JOB_CHANNEL).await {
+                if let Err(err) = listener.listen_all([JOB_CHANNEL, KEY_CHANNEL]).await {
                     tracing::warn!(error = %err, "LISTEN failed");
                 } else {
                     // Anything announced while we were not listening was missed.
+                    keys.clear();
                     wake_all(&registry);
                     loop {
                         match listener.try_recv().await {
+                            Ok(Some(note)) if note.channel() == KEY_CHANNEL => keys.clear(),
                             Ok(Some(note)) => {
                                 if let Ok(id) = Uuid::parse_str(note.payload())
                                     && let Some(tx) = lock(&registry).get(&id)

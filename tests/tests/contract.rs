@@ -1,7 +1,9 @@
 //! API.md's error table and validation rules: every bad input gets its
 //! status and error code, never a 500, and changes no stored data.
 
-use chatq_tests::{ADMIN_TOKEN, EnvOptions, TestEnv};
+use std::time::Duration;
+
+use chatq_tests::{ADMIN_TOKEN, EnvOptions, TestEnv, eventually, spawn_api};
 use reqwest::Method;
 use serde_json::json;
 
@@ -452,7 +454,11 @@ async fn credentials_are_checked_and_admin_and_api_keys_are_not_interchangeable(
     .await?;
     assert_eq!(stored, 0);
 
-    // A revoked key stops working at once.
+    // A revoked key stops working at once, also on a replica that has just
+    // authenticated it (and cached the lookup).
+    let replica = spawn_api(&env, &[]).await?;
+    let before = replica.api.get("/v1/conversations", &key).await?;
+    assert_eq!(before.status, 200);
     let revoke = api
         .raw(
             Method::DELETE,
@@ -465,6 +471,16 @@ async fn credentials_are_checked_and_admin_and_api_keys_are_not_interchangeable(
     assert_eq!(revoke.status, 204);
     let after = api.get("/v1/conversations", &key).await?;
     assert_eq!((after.status, after.error_code()), (401, "unauthorized"));
+    // The other replica hears of it by NOTIFY, within milliseconds.
+    eventually(
+        "the replica refuses the revoked key",
+        Duration::from_secs(2),
+        || async {
+            let r = replica.api.get("/v1/conversations", &key).await?;
+            Ok((r.status == 401).then_some(()))
+        },
+    )
+    .await?;
     let again = api
         .raw(
             Method::DELETE,

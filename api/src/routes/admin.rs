@@ -70,6 +70,8 @@ pub async fn revoke_key(
     IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     if keys::revoke(&state.db, id).await? {
+        // Other replicas forget it when the revocation's NOTIFY arrives.
+        state.keys.clear();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("no such api key"))

@@ -9,18 +9,19 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use uuid::Uuid;
 
-use chatq_common::db::{self, conversations, jobs, rate_limits, submissions};
+use chatq_common::db::submissions::BatchedTurn;
+use chatq_common::db::{self, conversations, jobs, rate_limits};
 use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::QueueError;
 
 use super::conversations::{
     NewConversation, conversation_row, validate_model, validate_new_conversation,
 };
-use crate::AppState;
 use crate::auth::Tenant;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{IdPath, JsonBody};
 use crate::views::JobView;
+use crate::{AppState, batch};
 
 /// Largest accepted `max_tokens`.
 const MAX_TOKENS_LIMIT: i64 = 32_768;
@@ -223,7 +224,7 @@ pub async fn submit_turn(
         return Ok(existing);
     }
     let created_conversation = matches!(target, Target::New(_));
-    let job = match store_turn(state, tenant, target, &turn, idempotency_key, request_hash).await {
+    let job = match store_turn(state, tenant, target, turn, idempotency_key, request_hash).await {
         Err(ApiError::Conflict(IDEMPOTENCY_RACE)) => {
             // A concurrent request with the same key won; answer as its replay.
             let key = idempotency_key.unwrap_or_default();
@@ -285,37 +286,33 @@ async fn store_turn(
     state: &AppState,
     tenant: &Tenant,
     target: Target,
-    turn: &TurnInput,
+    turn: TurnInput,
     idempotency_key: Option<&str>,
     request_hash: &[u8],
 ) -> ApiResult<Job> {
-    let user_turn = submissions::UserTurn {
-        message_id: new_id(),
-        content: &turn.content,
-    };
-    let mut job = jobs::NewJob {
-        id: new_id(),
-        tenant_id: tenant.id,
-        conversation_id: Uuid::nil(),
-        // Empty: the conversation's model.
-        model: turn.model.as_deref().unwrap_or(""),
-        max_tokens: turn.max_tokens,
-        temperature: turn.temperature,
-        idempotency_key,
-        request_hash: idempotency_key.map(|_| request_hash),
-    };
-    let stored = match target {
-        Target::Existing(conversation_id) => {
-            job.conversation_id = conversation_id;
-            submissions::submit_to_conversation(&state.db, &job, user_turn).await
-        }
+    let (conversation_id, new_conversation) = match target {
+        Target::Existing(id) => (id, None),
         Target::New(new) => {
             let conversation = conversation_row(tenant, new);
-            job.conversation_id = conversation.id;
-            submissions::submit_with_new_conversation(&state.db, &conversation, &job, user_turn)
-                .await
-                .map(Some)
+            (conversation.id, Some(conversation))
         }
+    };
+    let turn = BatchedTurn {
+        job_id: new_id(),
+        tenant_id: tenant.id,
+        conversation_id,
+        new_conversation,
+        // Empty: the conversation's model.
+        model: turn.model.unwrap_or_default(),
+        max_tokens: turn.max_tokens,
+        temperature: turn.temperature,
+        message_id: new_id(),
+        content: turn.content,
+    };
+    let stored = match idempotency_key {
+        // Keyed submissions are rare and need their own conflict handling.
+        Some(key) => batch::store_one(&state.db, &turn, Some((key, request_hash))).await,
+        None => state.batcher.submit(turn).await,
     };
     let stored = stored.map_err(|err| match db::violated_constraint(&err) {
         Some("jobs_one_active_per_conversation") => ApiError::ConversationBusy,

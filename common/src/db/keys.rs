@@ -3,6 +3,10 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+/// The LISTEN/NOTIFY channel on which key revocations are announced, with
+/// the key id as payload.
+pub const KEY_CHANNEL: &str = "chatq_key";
+
 /// An API key that may be used right now.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ActiveKey {
@@ -62,16 +66,22 @@ pub async fn find_active(
     .await
 }
 
-/// Revokes a key; false if there is no such unrevoked key.
+/// Revokes a key and announces it on [`KEY_CHANNEL`] so api replicas drop
+/// cached lookups; false if there is no such unrevoked key.
 pub async fn revoke(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "update api_keys set revoked_at = now(), updated_at = now()
-         where id = $1 and revoked_at is null",
+    let announced = sqlx::query(
+        "with revoked as (
+             update api_keys set revoked_at = now(), updated_at = now()
+             where id = $1 and revoked_at is null
+             returning id
+         )
+         select pg_notify($2, id::text) from revoked",
     )
     .bind(id)
-    .execute(db)
+    .bind(KEY_CHANNEL)
+    .fetch_all(db)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(announced.len() == 1)
 }
 
 /// A new random API key: `cq_` and 64 hex characters (256 bits).

@@ -93,3 +93,112 @@ pub async fn submit_with_new_conversation(
     .fetch_one(db)
     .await
 }
+
+/// One submission of a batch: a turn for an existing conversation of the
+/// tenant, or for a conversation created with it. Batched submissions carry
+/// no idempotency key (those take the one-at-a-time path).
+#[derive(Debug, Clone)]
+pub struct BatchedTurn {
+    /// Job id (uuid v7).
+    pub job_id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: Uuid,
+    /// The conversation: existing, or `new_conversation.id`.
+    pub conversation_id: Uuid,
+    /// A conversation to create with the turn (`POST /v1/chat`).
+    pub new_conversation: Option<Conversation>,
+    /// Model override; empty means the conversation's.
+    pub model: String,
+    /// Completion token cap.
+    pub max_tokens: Option<i32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// The user message's id.
+    pub message_id: Uuid,
+    /// The user's text.
+    pub content: String,
+}
+
+/// Stores many turns with one statement (one round trip, one commit) and
+/// returns the jobs it stored. A turn whose conversation does not exist or
+/// is busy is skipped, not an error: the caller retries it alone to learn
+/// why. Callers should order turns by conversation id, so that concurrent
+/// batches wait on each other in one order.
+pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[BatchedTurn]) -> sqlx::Result<Vec<Job>> {
+    let n = turns.len();
+    let mut job_ids = Vec::with_capacity(n);
+    let mut tenant_ids = Vec::with_capacity(n);
+    let mut conversation_ids = Vec::with_capacity(n);
+    let mut is_new = Vec::with_capacity(n);
+    let mut system_prompts = Vec::with_capacity(n);
+    let mut conversation_models = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut max_tokens = Vec::with_capacity(n);
+    let mut temperatures = Vec::with_capacity(n);
+    let mut message_ids = Vec::with_capacity(n);
+    let mut contents = Vec::with_capacity(n);
+    for t in turns {
+        job_ids.push(t.job_id);
+        tenant_ids.push(t.tenant_id);
+        conversation_ids.push(t.conversation_id);
+        is_new.push(t.new_conversation.is_some());
+        let c = t.new_conversation.as_ref();
+        system_prompts.push(c.and_then(|c| c.system_prompt.clone()));
+        conversation_models.push(c.map(|c| c.model.clone()));
+        metadata.push(c.map(|c| c.metadata.clone()));
+        models.push(t.model.as_str());
+        max_tokens.push(t.max_tokens);
+        temperatures.push(t.temperature);
+        message_ids.push(t.message_id);
+        contents.push(t.content.as_str());
+    }
+    sqlx::query_as(
+        "with input as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bool[], $5::text[],
+                                  $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::float8[],
+                                  $11::uuid[], $12::text[])
+                 as t(job_id, tenant_id, conversation_id, is_new, system_prompt,
+                      conversation_model, metadata, model, max_tokens, temperature,
+                      message_id, content)
+         ), new_conv as (
+             insert into conversations (id, tenant_id, system_prompt, model, metadata)
+             select conversation_id, tenant_id, system_prompt, conversation_model, metadata
+             from input where is_new
+             returning id, tenant_id, model
+         ), conv as (
+             select id, tenant_id, model from new_conv
+             union all
+             select c.id, c.tenant_id, c.model from conversations c
+             where (c.tenant_id, c.id) in
+                   (select tenant_id, conversation_id from input where not is_new)
+         ), job as (
+             insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature)
+             select i.job_id, i.tenant_id, i.conversation_id,
+                    coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature
+             from input i
+             join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
+             on conflict do nothing
+             returning *
+         ), msg as (
+             insert into messages (id, tenant_id, conversation_id, role, content, job_id)
+             select i.message_id, i.tenant_id, i.conversation_id, 'user', i.content, i.job_id
+             from input i join job on job.id = i.job_id
+         )
+         select * from job",
+    )
+    .bind(job_ids)
+    .bind(tenant_ids)
+    .bind(conversation_ids)
+    .bind(is_new)
+    .bind(system_prompts)
+    .bind(conversation_models)
+    .bind(metadata)
+    .bind(models)
+    .bind(max_tokens)
+    .bind(temperatures)
+    .bind(message_ids)
+    .bind(contents)
+    .fetch_all(db)
+    .await
+}
