@@ -113,10 +113,13 @@ pub async fn withdraw(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
     let gone: i64 = sqlx::query_scalar(
         "with gone as (
              delete from jobs where id = $1 and status = 'queued' and published_at is null
-             returning id
+             returning id, conversation_id
          ), messages_gone as (
-             delete from messages where job_id in (select id from gone) and role = 'user'
-             returning id
+             -- By conversation first: messages are indexed by conversation, not by job.
+             delete from messages m using gone
+             where m.conversation_id = gone.conversation_id and m.job_id = gone.id
+               and m.role = 'user'
+             returning m.id
          )
          select count(*) from gone",
     )
