@@ -77,8 +77,11 @@ fn submit(s: &mut String, r: &AllResults) {
     };
     let _ = writeln!(
         s,
-        "C clients each `POST /v1/chat` (a new conversation per request) for {:.0} s, two \
-         workers draining (mock latency 0). At the same concurrency: single-row \
+        "C clients each `POST /v1/chat` (a new conversation per request) for {:.0} s: first \
+         with no worker running (the queue absorbs, as in a burst; the headline, since the \
+         limits below are also measured with nothing else running), then from an empty queue \
+         with two workers draining it on the same two cores (mock latency 0). At the same \
+         concurrency: single-row \
          INSERT+COMMIT/s on the same PostgreSQL (autocommit, at most {} connections because \
          `max_connections` is 100 and chatq's pools hold some), and confirmed persistent \
          publishes/s to a scratch durable quorum queue (one channel per publisher, awaiting \

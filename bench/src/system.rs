@@ -152,6 +152,7 @@ pub struct System {
     children: Vec<Child>,
     workers: Vec<Child>,
     worker_env: Vec<(String, String)>,
+    analyzer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl System {
@@ -186,7 +187,9 @@ impl System {
             children: vec![],
             workers: vec![],
             worker_env: vec![],
+            analyzer: None,
         };
+        sys.analyzer = Some(tokio::spawn(analyze_every(sys.db.clone(), ANALYZE_EVERY)));
         match sys.boot(http, opts).await {
             Ok(()) => Ok(sys),
             Err(err) => {
@@ -279,14 +282,62 @@ impl System {
         Ok(())
     }
 
+    /// Kills the workers (the measurement that needed them is over).
+    pub async fn stop_workers(&mut self) {
+        for mut c in self.workers.drain(..) {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Empties the database's chat tables and the work queue, so the next
+    /// measurement starts from the same state as the first.
+    pub async fn reset(&self) -> anyhow::Result<()> {
+        sqlx::query("truncate conversations, jobs, messages")
+            .execute(&self.db)
+            .await?;
+        let props = lapin::ConnectionProperties::default();
+        let conn = lapin::Connection::connect(&self.infra.amqp_url, props).await?;
+        let ch = conn.create_channel().await?;
+        let topology = chatq_common::queue::Topology::with_prefix(&self.prefix, 0);
+        ch.queue_purge(
+            topology.work_queue.as_str().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await?;
+        let _ = conn.close(200, "reset".into()).await;
+        Ok(())
+    }
+
     /// Kills every process, drops the database and deletes the queues.
     pub async fn stop(mut self) {
+        if let Some(analyzer) = self.analyzer.take() {
+            analyzer.abort();
+        }
         for mut c in self.workers.drain(..).chain(self.children.drain(..)) {
             let _ = c.kill().await;
         }
         self.db.close().await;
         drop_database(&self.infra, &self.db_name).await;
         delete_queues(&self.infra, &self.prefix).await;
+    }
+}
+
+/// How often the bench analyzes its fresh database.
+const ANALYZE_EVERY: Duration = Duration::from_secs(5);
+
+/// Stands in for autovacuum's first passes, which on a brand-new database
+/// come only after `autovacuum_naptime` (60 s): until then PostgreSQL plans
+/// for empty tables (sequential scans, cached in prepared statements), and
+/// every scenario here runs on a fresh database for about that long.
+async fn analyze_every(db: PgPool, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(err) = sqlx::query("analyze conversations, jobs, messages")
+            .execute(&db)
+            .await
+        {
+            eprintln!("bench: analyze failed: {err}");
+        }
     }
 }
 

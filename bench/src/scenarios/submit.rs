@@ -5,21 +5,23 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::PgPool;
 
 use crate::baseline;
 use crate::ctx::{Ctx, Target, wait_idle};
 use crate::load::{self, LoadResult, Outcome, Stop};
 use crate::scenarios::{Table, f};
-use crate::system::{self, SystemOptions};
+use crate::system::{self, System, SystemOptions};
 
 /// One concurrency level.
 #[derive(Debug, Clone, Serialize)]
 pub struct SubmitRow {
     /// Concurrent clients.
     pub clients: usize,
-    /// `POST /v1/chat` against chatq.
+    /// `POST /v1/chat` against chatq, no worker running: the queue absorbs
+    /// (against `--url`, whatever that deployment runs).
     pub chatq: LoadResult,
+    /// The same with two workers draining the queue on the same machine.
+    pub with_workers: Option<LoadResult>,
     /// Single-row INSERT+COMMIT on PostgreSQL.
     pub pg_insert: LoadResult,
     /// Confirmed persistent publishes on RabbitMQ.
@@ -28,6 +30,8 @@ pub struct SubmitRow {
     pub limit_per_s: f64,
     /// chatq accepted/s divided by `limit_per_s`.
     pub ratio: f64,
+    /// Accepted/s with two workers draining, divided by `limit_per_s`.
+    pub ratio_with_workers: Option<f64>,
 }
 
 /// The scenario's result.
@@ -49,14 +53,15 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<SubmitResult> {
         system::drop_database(&ctx.infra, &db_name).await;
         return r;
     }
-    let sys = ctx
+    let mut sys = ctx
         .start(&SystemOptions {
-            workers: 2,
+            workers: 0,
             ..Default::default()
         })
         .await?;
     let target = ctx.target(&sys);
-    let r = measure(ctx, &target, &sys.db_url, Some(&sys.db)).await;
+    let db_url = sys.db_url.clone();
+    let r = measure(ctx, &target, &db_url, Some(&mut sys)).await;
     sys.stop().await;
     r
 }
@@ -65,33 +70,31 @@ async fn measure(
     ctx: &Ctx,
     target: &Target,
     db_url: &str,
-    db: Option<&PgPool>,
+    mut sys: Option<&mut System>,
 ) -> anyhow::Result<SubmitResult> {
     let levels: &[usize] = if ctx.quick { &[4, 8] } else { &[16, 64, 256] };
     let d = ctx.duration;
     let mut rows = Vec::new();
     for &c in levels {
-        println!("submit: {c} clients, {d:?} each for chatq, PostgreSQL, RabbitMQ");
+        println!("submit: {c} clients, {d:?} each for chatq, chatq with 2 workers, PostgreSQL, RabbitMQ");
         let chatq = submit_load(target, c, d).await;
-        // Let the workers finish the backlog before measuring the baselines.
-        if let Some(db) = db {
-            wait_idle(db, Duration::from_secs(120)).await?;
-        }
+        let with_workers = match sys.as_deref_mut() {
+            Some(sys) => Some(with_two_workers(sys, target, c, d).await?),
+            None => None,
+        };
         let pg_insert = baseline::pg_inserts(db_url, c, d).await?;
         let rabbit_publish = baseline::rabbit_publishes(&ctx.infra.amqp_url, c, d).await?;
         let limit = pg_insert.ok_per_s.min(rabbit_publish.ok_per_s);
-        let ratio = if limit > 0.0 {
-            chatq.ok_per_s / limit
-        } else {
-            0.0
-        };
+        let ratio_of = |r: &LoadResult| if limit > 0.0 { r.ok_per_s / limit } else { 0.0 };
         rows.push(SubmitRow {
             clients: c,
+            ratio: ratio_of(&chatq),
+            ratio_with_workers: with_workers.as_ref().map(ratio_of),
             chatq,
+            with_workers,
             pg_insert,
             rabbit_publish,
             limit_per_s: limit,
-            ratio,
         });
     }
     let hc = if ctx.quick { 8 } else { 64 };
@@ -118,6 +121,24 @@ async fn measure(
     };
     print(&result);
     Ok(result)
+}
+
+/// From an empty queue, C clients submitting while two workers drain; then
+/// the backlog is finished and the workers stopped, so the baselines that
+/// follow have the machine to themselves.
+async fn with_two_workers(
+    sys: &mut System,
+    target: &Target,
+    clients: usize,
+    d: Duration,
+) -> anyhow::Result<LoadResult> {
+    sys.reset().await?;
+    sys.start_workers(2)?;
+    let r = submit_load(target, clients, d).await;
+    wait_idle(&sys.db, Duration::from_secs(120)).await?;
+    sys.stop_workers().await;
+    sys.reset().await?;
+    Ok(r)
 }
 
 /// C tasks submitting to fresh conversations (`POST /v1/chat`) for `d`.
@@ -155,6 +176,9 @@ impl SubmitResult {
                     f(row.chatq.latency.p95_ms, 1),
                     f(row.chatq.latency.p99_ms, 1),
                     row.chatq.errors_text(),
+                    row.with_workers
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |r| f(r.ok_per_s, 0)),
                     format!(
                         "{} ({} conns)",
                         f(row.pg_insert.ok_per_s, 0),
@@ -162,6 +186,8 @@ impl SubmitResult {
                     ),
                     f(row.rabbit_publish.ok_per_s, 0),
                     format!("{:.0}%", row.ratio * 100.0),
+                    row.ratio_with_workers
+                        .map_or_else(|| "-".into(), |r| format!("{:.0}%", r * 100.0)),
                 ]
             })
             .collect();
@@ -173,9 +199,11 @@ impl SubmitResult {
                 "p95 ms",
                 "p99 ms",
                 "errors",
+                "accepted/s, 2 workers draining",
                 "INSERT+COMMIT/s",
                 "confirmed publishes/s",
                 "ratio",
+                "ratio, 2 workers draining",
             ],
             rows,
         }
