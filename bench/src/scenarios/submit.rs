@@ -76,7 +76,9 @@ async fn measure(
     let d = ctx.duration;
     let mut rows = Vec::new();
     for &c in levels {
-        println!("submit: {c} clients, {d:?} each for chatq, chatq with 2 workers, PostgreSQL, RabbitMQ");
+        println!(
+            "submit: {c} clients, {d:?} each for chatq, chatq with 2 workers, PostgreSQL, RabbitMQ"
+        );
         let chatq = submit_load(target, c, d).await;
         let with_workers = match sys.as_deref_mut() {
             Some(sys) => Some(with_two_workers(sys, target, c, d).await?),

@@ -99,10 +99,15 @@ pub async fn mark_published_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx:
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("update jobs set published_at = now() where id = any($1) and published_at is null")
-        .bind(ids)
-        .execute(db)
-        .await?;
+    // Only queued jobs: a claimed job is out of the relay's sight already, so
+    // recording its publish would be a write for nothing.
+    sqlx::query(
+        "update jobs set published_at = now()
+         where id = any($1) and status = 'queued' and published_at is null",
+    )
+    .bind(ids)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -376,7 +381,10 @@ pub async fn retry_attempt(
 pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set status = 'queued', attempts = greatest(attempts - 1, 0),
-                         claim_token = null, lease_expires_at = null, updated_at = now()
+                         claim_token = null, lease_expires_at = null, updated_at = now(),
+                         -- Its message goes back to the queue (nack or connection loss):
+                         -- the relay must not publish another.
+                         published_at = coalesce(published_at, now())
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
     )
