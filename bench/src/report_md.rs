@@ -47,6 +47,10 @@ pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
         .map(|t| vec![t.what, t.measured, verdict(t.met).into()])
         .collect();
     table(&mut s, &["target", "measured", "verdict"], &rows);
+    s.push_str(
+        "Where a target is missed, the cause found by profiling, what was changed and the \
+         before/after figures are in [PROFILING.md](PROFILING.md) (hand-written).\n\n",
+    );
     if let Some(svg) = svg {
         let _ = writeln!(s, "![submit latency and burst drain time]({svg})\n");
     }
