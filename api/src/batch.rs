@@ -1,76 +1,54 @@
-//! Group commit for submissions: concurrent submissions are stored by one
-//! multi-row statement (one round trip, one commit) instead of one each.
-//!
-//! There is no timer: a few executors take turns at the queue, and each
-//! takes everything that arrived while the others were committing. Alone, a
-//! submission is stored at once; under load, batches grow by themselves.
-//! A turn the batch skipped (its conversation is missing or busy) or a batch
-//! that failed for another reason than an unreachable database is retried
-//! alone, so every caller gets the answer it would have got unbatched.
+//! Group commit for submissions ([`GroupCommit`]): concurrent submissions
+//! are stored by one multi-row statement (one round trip, one commit)
+//! instead of one each. A turn the batch skipped (its conversation is
+//! missing or busy), or a batch that failed for another reason than an
+//! unreachable database, is retried alone, so every caller gets the answer
+//! it would have got unbatched.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use chatq_common::db::jobs::NewJob;
 use chatq_common::db::submissions::{self, BatchedTurn, UserTurn};
 use chatq_common::db::{self};
 use chatq_common::domain::Job;
+use chatq_common::group::{Batch, GroupCommit, Reply};
 
 /// Batches being committed at once, at most.
 const EXECUTORS: usize = 4;
 /// Turns per statement, at most.
 const MAX_BATCH: usize = 256;
 
-type Reply = oneshot::Sender<sqlx::Result<Option<Job>>>;
-
 /// Hands turns to the batch executors.
 #[derive(Clone)]
 pub struct SubmitBatcher {
-    tx: mpsc::UnboundedSender<(BatchedTurn, Reply)>,
+    group: GroupCommit<BatchedTurn, sqlx::Result<Option<Job>>>,
 }
 
 impl SubmitBatcher {
     /// Starts the executors; they stop when every clone of this value is gone.
     pub fn start(db: PgPool) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..EXECUTORS {
-            tokio::spawn(execute_batches(db.clone(), rx.clone()));
-        }
-        Self { tx }
+        let group = GroupCommit::start(EXECUTORS, MAX_BATCH, move |batch| {
+            let db = db.clone();
+            async move { store_batch(&db, batch).await }
+        });
+        Self { group }
     }
 
     /// Stores the turn (and its new conversation, if any) and its job. `None`
     /// if the tenant has no such conversation; a busy conversation violates
     /// `jobs_one_active_per_conversation`, as the one-at-a-time statements do.
     pub async fn submit(&self, turn: BatchedTurn) -> sqlx::Result<Option<Job>> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((turn, reply))
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+        self.group
+            .run(turn)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
-async fn execute_batches(
-    db: PgPool,
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<(BatchedTurn, Reply)>>>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let received = rx.lock().await.recv_many(&mut batch, MAX_BATCH).await;
-        if received == 0 {
-            return;
-        }
-        store_batch(&db, std::mem::take(&mut batch)).await;
-    }
-}
-
-async fn store_batch(db: &PgPool, mut batch: Vec<(BatchedTurn, Reply)>) {
+async fn store_batch(db: &PgPool, mut batch: Batch<BatchedTurn, sqlx::Result<Option<Job>>>) {
     if let [_] = batch.as_slice() {
         if let Some((turn, reply)) = batch.pop() {
             let _ = reply.send(store_one(db, &turn, None).await);
@@ -80,7 +58,7 @@ async fn store_batch(db: &PgPool, mut batch: Vec<(BatchedTurn, Reply)>) {
     // One lock order for every batch: concurrent batches that touch the
     // same conversations wait for each other instead of deadlocking.
     batch.sort_by_key(|(turn, _)| turn.conversation_id);
-    let (turns, replies): (Vec<BatchedTurn>, Vec<Reply>) = batch.into_iter().unzip();
+    let (turns, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     match submissions::submit_many(db, &turns).await {
         Ok(jobs) => {
             let mut stored: HashMap<Uuid, Job> =
@@ -96,10 +74,8 @@ async fn store_batch(db: &PgPool, mut batch: Vec<(BatchedTurn, Reply)>) {
             }
         }
         Err(err) if db::is_unavailable(&err) => {
-            let message = err.to_string();
             for reply in replies {
-                let unavailable = std::io::Error::other(message.clone());
-                let _ = reply.send(Err(sqlx::Error::Io(unavailable)));
+                let _ = reply.send(Err(db::unavailable_copy(&err)));
             }
         }
         Err(err) => {
@@ -111,7 +87,7 @@ async fn store_batch(db: &PgPool, mut batch: Vec<(BatchedTurn, Reply)>) {
     }
 }
 
-fn retry_alone(db: &PgPool, turn: BatchedTurn, reply: Reply) {
+fn retry_alone(db: &PgPool, turn: BatchedTurn, reply: Reply<sqlx::Result<Option<Job>>>) {
     let db = db.clone();
     tokio::spawn(async move {
         let _ = reply.send(store_one(&db, &turn, None).await);

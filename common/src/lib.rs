@@ -4,6 +4,7 @@
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod group;
 pub mod queue;
 pub mod telemetry;
 

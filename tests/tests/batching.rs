@@ -1,6 +1,6 @@
-//! Group commit of submissions: concurrent submissions share one statement,
-//! yet each caller gets the answer it would have got alone, and a batch
-//! stores exactly the turns it reports.
+//! Group commit of submissions, claims and results: concurrent callers
+//! share one statement, yet each caller gets the answer it would have got
+//! alone, and a batch stores exactly what it reports.
 
 use std::collections::{HashMap, HashSet};
 
@@ -231,6 +231,87 @@ async fn concurrent_submissions_each_get_the_answer_they_would_get_alone() -> an
     .fetch_one(&env.db)
     .await?;
     assert_eq!((jobs, messages, chat_conversations), (49, 49, 32));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn batched_claims_and_results_honour_each_claim_token() -> anyhow::Result<()> {
+    use chatq_common::db::jobs::{self, Success};
+    use std::time::Duration;
+
+    let env = TestEnv::start(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let (_, key) = env.create_key("acme").await?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let job = env
+            .api
+            .post("/v1/chat", &key, &json!({"content": format!("hi {i}")}))
+            .await?;
+        ids.push(job.str("id").parse::<Uuid>()?);
+    }
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+    let lease = Duration::from_secs(30);
+
+    // Job a is delivered twice into one batch: it is claimed under one token only.
+    let (t1, t2, tb) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let claimed = jobs::claim_many(&env.db, &[(a, t1), (a, t2), (b, tb)], lease).await?;
+    let mut by_job: HashMap<Uuid, Uuid> = HashMap::new();
+    for job in &claimed {
+        assert!(
+            by_job
+                .insert(job.id, job.claim_token.unwrap_or_default())
+                .is_none()
+        );
+    }
+    assert_eq!(by_job.len(), 2, "a and b claimed once each");
+    let ta = by_job[&a];
+    assert!(ta == t1 || ta == t2);
+    assert_eq!(by_job[&b], tb);
+    // Claimed jobs are not claimed again; c, never claimed, is.
+    let again =
+        jobs::claim_many(&env.db, &[(a, Uuid::new_v4()), (c, Uuid::new_v4())], lease).await?;
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![c]);
+
+    // Results are written only under the claim's token.
+    let success = |id, token, text: &str| Success {
+        id,
+        token,
+        message_id: new_id(),
+        content: text.into(),
+        finish_reason: "stop".into(),
+        prompt_tokens: Some(1),
+        completion_tokens: Some(2),
+    };
+    let loser = if ta == t1 { t2 } else { t1 };
+    let written = jobs::succeed_many(
+        &env.db,
+        &[success(a, loser, "stale"), success(b, tb, "reply b")],
+    )
+    .await?;
+    assert_eq!(written, vec![b]);
+    let written = jobs::succeed_many(&env.db, &[success(a, ta, "reply a")]).await?;
+    assert_eq!(written, vec![a]);
+
+    let replies: Vec<(Uuid, String)> = sqlx::query_as(
+        "select job_id, content from messages where role = 'assistant' order by content",
+    )
+    .fetch_all(&env.db)
+    .await?;
+    assert_eq!(replies, vec![(a, "reply a".into()), (b, "reply b".into())]);
+    let states: Vec<(Uuid, String, Option<String>)> =
+        sqlx::query_as("select id, status, result_content from jobs order by id")
+            .fetch_all(&env.db)
+            .await?;
+    let states: HashMap<Uuid, (String, Option<String>)> =
+        states.into_iter().map(|(id, s, r)| (id, (s, r))).collect();
+    assert_eq!(states[&a], ("succeeded".into(), Some("reply a".into())));
+    assert_eq!(states[&b], ("succeeded".into(), Some("reply b".into())));
+    assert_eq!(states[&c], ("running".into(), None));
     env.cleanup().await;
     Ok(())
 }

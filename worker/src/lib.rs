@@ -7,6 +7,7 @@ pub mod prompt;
 pub mod recovery;
 pub mod retry;
 pub mod runner;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let relay_grace = config.relay_grace;
     let ctx = Arc::new(runner::JobContext {
+        store: store::JobStore::start(db.clone(), config.lease),
         db: db.clone(),
         llm,
         publisher: publisher.clone(),

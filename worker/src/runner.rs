@@ -16,10 +16,13 @@ use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::Publisher;
 
 use crate::llm::{ChatRequest, Completion, LlmClient, LlmError};
+use crate::store::JobStore;
 use crate::{WorkerConfig, prompt, retry};
 
 /// Everything a job needs, shared by all of a process's jobs.
 pub struct JobContext {
+    /// Claims and results, batched with other jobs'.
+    pub store: JobStore,
     /// PostgreSQL pool.
     pub db: PgPool,
     /// The LLM client.
@@ -81,7 +84,7 @@ pub async fn run_job(
 ) -> sqlx::Result<Outcome> {
     let token = Uuid::new_v4();
     let lease = ctx.config.lease;
-    let claimed = with_db_retry("claim", || jobs::claim(&ctx.db, id, token, lease)).await?;
+    let claimed = with_db_retry("claim", || ctx.store.claim(id, token)).await?;
     let Some(job) = claimed else {
         let existing = with_db_retry("read job", || jobs::get_any(&ctx.db, id)).await?;
         return Ok(match existing {
@@ -142,10 +145,17 @@ pub async fn run_job(
         }
         Call::Finished(Ok(completion)) => {
             let message_id = new_id();
-            let written = with_db_retry("write result", || {
-                write_success(&ctx.db, &job, token, message_id, &completion)
-            })
-            .await?;
+            let success = jobs::Success {
+                id,
+                token,
+                message_id,
+                content: completion.content,
+                finish_reason: completion.finish_reason,
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+            };
+            let written =
+                with_db_retry("write result", || ctx.store.succeed(success.clone())).await?;
             if written {
                 tracing::info!(job_id = %id, "job succeeded");
             } else {
@@ -272,21 +282,4 @@ async fn heartbeat(db: PgPool, id: Uuid, token: Uuid, lease: Duration, lost: Can
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
         }
     }
-}
-
-async fn write_success(
-    db: &PgPool,
-    job: &Job,
-    token: Uuid,
-    message_id: Uuid,
-    c: &Completion,
-) -> sqlx::Result<bool> {
-    let result = jobs::JobResult {
-        message_id,
-        content: &c.content,
-        finish_reason: &c.finish_reason,
-        prompt_tokens: c.prompt_tokens,
-        completion_tokens: c.completion_tokens,
-    };
-    jobs::succeed(db, job.id, token, &result).await
 }

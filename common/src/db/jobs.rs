@@ -177,6 +177,31 @@ pub async fn claim(
     .await
 }
 
+/// [`claim`] for many jobs in one statement: `(job id, claim token)` pairs.
+/// Returns the jobs claimed; a job claimed twice in one batch (a duplicated
+/// message) is claimed under one of its tokens only, which the returned
+/// `claim_token` tells.
+pub async fn claim_many(
+    db: impl PgExecutor<'_>,
+    claims: &[(Uuid, Uuid)],
+    lease: Duration,
+) -> sqlx::Result<Vec<Job>> {
+    let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
+    sqlx::query_as(
+        "update jobs j set status = 'running', attempts = j.attempts + 1, claim_token = c.token,
+                           lease_expires_at = now() + make_interval(secs => $3),
+                           started_at = coalesce(j.started_at, now()), updated_at = now()
+         from unnest($1::uuid[], $2::uuid[]) as c(id, token)
+         where j.id = c.id and j.status = 'queued'
+         returning j.*, pg_notify('chatq_job', j.id::text)::text as notified",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(lease.as_secs_f64())
+    .fetch_all(db)
+    .await
+}
+
 /// Extends the lease of a claim; false if the claim is no longer held
 /// (cancelled, deleted, or reclaimed after it lapsed).
 pub async fn heartbeat(
@@ -228,6 +253,78 @@ pub async fn succeed(
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// A result to write with [`succeed_many`].
+#[derive(Debug, Clone)]
+pub struct Success {
+    /// The job.
+    pub id: Uuid,
+    /// The claim it was computed under.
+    pub token: Uuid,
+    /// The assistant message to write.
+    pub message_id: Uuid,
+    /// Reply text.
+    pub content: String,
+    /// The LLM's finish reason.
+    pub finish_reason: String,
+    /// Prompt tokens reported.
+    pub prompt_tokens: Option<i32>,
+    /// Completion tokens reported.
+    pub completion_tokens: Option<i32>,
+}
+
+/// [`succeed`] for many jobs in one statement; returns the ids of the jobs
+/// whose claim was still held, which are now succeeded with their reply.
+pub async fn succeed_many(db: impl PgExecutor<'_>, results: &[Success]) -> sqlx::Result<Vec<Uuid>> {
+    let n = results.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut message_ids = Vec::with_capacity(n);
+    let mut contents = Vec::with_capacity(n);
+    let mut finish_reasons = Vec::with_capacity(n);
+    let mut prompt_tokens = Vec::with_capacity(n);
+    let mut completion_tokens = Vec::with_capacity(n);
+    for r in results {
+        ids.push(r.id);
+        tokens.push(r.token);
+        message_ids.push(r.message_id);
+        contents.push(r.content.as_str());
+        finish_reasons.push(r.finish_reason.as_str());
+        prompt_tokens.push(r.prompt_tokens);
+        completion_tokens.push(r.completion_tokens);
+    }
+    sqlx::query_scalar(
+        "with input as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                                  $6::int4[], $7::int4[])
+                 as t(id, token, message_id, content, finish_reason, prompt_tokens,
+                      completion_tokens)
+         ), done as (
+             update jobs j set status = 'succeeded', finished_at = now(), updated_at = now(),
+                               result_message_id = i.message_id, result_content = i.content,
+                               finish_reason = i.finish_reason, prompt_tokens = i.prompt_tokens,
+                               completion_tokens = i.completion_tokens,
+                               claim_token = null, lease_expires_at = null
+             from input i
+             where j.id = i.id and j.claim_token = i.token and j.status = 'running'
+             returning j.id, j.tenant_id, j.conversation_id, i.message_id, i.content,
+                       pg_notify('chatq_job', j.id::text)::text as notified
+         ), reply as (
+             insert into messages (id, tenant_id, conversation_id, role, content, job_id)
+             select message_id, tenant_id, conversation_id, 'assistant', content, id from done
+         )
+         select id from done",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(message_ids)
+    .bind(contents)
+    .bind(finish_reasons)
+    .bind(prompt_tokens)
+    .bind(completion_tokens)
+    .fetch_all(db)
+    .await
 }
 
 /// Marks a claimed job failed; false if the claim is no longer held.

@@ -38,3 +38,10 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         c.starts_with("57P") || c.starts_with("08") || c == "53300"
     }))
 }
+
+/// An error to hand each caller of a batch that failed because the database
+/// is unreachable (a `sqlx::Error` cannot be cloned); [`is_unavailable`]
+/// holds for it, so callers retry or answer 503 as for the original.
+pub fn unavailable_copy(err: &sqlx::Error) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::other(err.to_string()))
+}

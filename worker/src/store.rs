@@ -1,0 +1,141 @@
+//! Group commit for the worker's two per-job writes: claims and results of
+//! concurrent jobs share one statement and one commit ([`GroupCommit`]).
+//! Both statements `NOTIFY`, and PostgreSQL serialises the commits of
+//! notifying transactions, so one commit per batch instead of one per job
+//! is what lets a worker with thousands of calls in flight keep up.
+//!
+//! A batch that fails for another reason than an unreachable database is
+//! retried item by item with the one-job statements, so one bad item cannot
+//! fail the others.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use chatq_common::db::{self, jobs};
+use chatq_common::domain::Job;
+use chatq_common::group::{Batch, GroupCommit, Reply};
+
+/// Batches being committed at once, at most, per kind.
+const EXECUTORS: usize = 4;
+/// Items per statement, at most.
+const MAX_BATCH: usize = 256;
+
+type ClaimResult = sqlx::Result<Option<Job>>;
+type WriteResult = sqlx::Result<bool>;
+
+/// Claims jobs and writes their results in batches.
+#[derive(Clone)]
+pub struct JobStore {
+    claims: GroupCommit<(Uuid, Uuid), ClaimResult>,
+    results: GroupCommit<jobs::Success, WriteResult>,
+}
+
+impl JobStore {
+    /// Starts the executors; claims hold for `lease` without a heartbeat.
+    pub fn start(db: PgPool, lease: Duration) -> Self {
+        let claim_db = db.clone();
+        let claims = GroupCommit::start(EXECUTORS, MAX_BATCH, move |batch| {
+            let db = claim_db.clone();
+            async move { claim_batch(&db, batch, lease).await }
+        });
+        let results = GroupCommit::start(EXECUTORS, MAX_BATCH, move |batch| {
+            let db = db.clone();
+            async move { succeed_batch(&db, batch).await }
+        });
+        Self { claims, results }
+    }
+
+    /// [`jobs::claim`], batched with concurrent claims.
+    pub async fn claim(&self, id: Uuid, token: Uuid) -> ClaimResult {
+        self.claims
+            .run((id, token))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+
+    /// [`jobs::succeed`], batched with concurrent results.
+    pub async fn succeed(&self, success: jobs::Success) -> WriteResult {
+        self.results
+            .run(success)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, lease: Duration) {
+    // One lock order for every batch.
+    batch.sort_by_key(|((id, _), _)| *id);
+    let (claims, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    match jobs::claim_many(db, &claims, lease).await {
+        Ok(claimed) => {
+            let mut claimed: HashMap<(Uuid, Uuid), Job> = claimed
+                .into_iter()
+                .filter_map(|job| Some(((job.id, job.claim_token?), job)))
+                .collect();
+            for (claim, reply) in claims.into_iter().zip(replies) {
+                let _ = reply.send(Ok(claimed.remove(&claim)));
+            }
+        }
+        Err(err) if db::is_unavailable(&err) => {
+            for reply in replies {
+                let _ = reply.send(Err(db::unavailable_copy(&err)));
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, claims = claims.len(), "claim batch failed; claiming one by one");
+            for ((id, token), reply) in claims.into_iter().zip(replies) {
+                alone(reply, {
+                    let db = db.clone();
+                    async move { jobs::claim(&db, id, token, lease).await }
+                });
+            }
+        }
+    }
+}
+
+async fn succeed_batch(db: &PgPool, mut batch: Batch<jobs::Success, WriteResult>) {
+    batch.sort_by_key(|(s, _)| s.id);
+    let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    match jobs::succeed_many(db, &results).await {
+        Ok(written) => {
+            let written: HashSet<Uuid> = written.into_iter().collect();
+            for (s, reply) in results.iter().zip(replies) {
+                let _ = reply.send(Ok(written.contains(&s.id)));
+            }
+        }
+        Err(err) if db::is_unavailable(&err) => {
+            for reply in replies {
+                let _ = reply.send(Err(db::unavailable_copy(&err)));
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, results = results.len(), "result batch failed; writing one by one");
+            for (s, reply) in results.into_iter().zip(replies) {
+                alone(reply, {
+                    let db = db.clone();
+                    async move {
+                        let result = jobs::JobResult {
+                            message_id: s.message_id,
+                            content: &s.content,
+                            finish_reason: &s.finish_reason,
+                            prompt_tokens: s.prompt_tokens,
+                            completion_tokens: s.completion_tokens,
+                        };
+                        jobs::succeed(&db, s.id, s.token, &result).await
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Runs one item's fallback on its own task, so a slow one does not hold
+/// the executor.
+fn alone<R: Send + 'static>(reply: Reply<R>, op: impl Future<Output = R> + Send + 'static) {
+    tokio::spawn(async move {
+        let _ = reply.send(op.await);
+    });
+}
