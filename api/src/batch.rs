@@ -14,7 +14,7 @@ use chatq_common::db::jobs::NewJob;
 use chatq_common::db::submissions::{self, BatchedTurn, UserTurn};
 use chatq_common::db::{self};
 use chatq_common::domain::Job;
-use chatq_common::group::{Batch, GroupCommit, Reply};
+use chatq_common::group::{Batch, GroupCommit, Reply, answer_all};
 
 /// Batches being committed at once, at most.
 const EXECUTORS: usize = 4;
@@ -74,9 +74,7 @@ async fn store_batch(db: &PgPool, mut batch: Batch<BatchedTurn, sqlx::Result<Opt
             }
         }
         Err(err) if db::is_unavailable(&err) => {
-            for reply in replies {
-                let _ = reply.send(Err(db::unavailable_copy(&err)));
-            }
+            answer_all(replies, || Err(db::unavailable_copy(&err)));
         }
         Err(err) => {
             tracing::debug!(error = %err, turns = turns.len(), "batch failed; storing its turns one by one");

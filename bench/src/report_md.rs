@@ -134,8 +134,12 @@ fn burst(s: &mut String, r: &AllResults) {
          retried; client timeout 30 s), then wait until every accepted job is terminal. Mock \
          latency 0, a fresh system per worker count. Lost = accepted jobs not terminal at the \
          drain deadline; duplicates = jobs with more than one assistant message (both counted \
-         in PostgreSQL). The default N is 20,000 rather than 100,000 so that the three runs \
-         fit the 15-minute budget on this 2-core machine; pass `--burst 100000` for the full size.\n",
+         in PostgreSQL). The last run caps the work queue (`CHATQ_MAX_QUEUE_LENGTH`) at a \
+         tenth of the burst, so the burst overflows it: the api answers `429 queue_full` with \
+         `Retry-After`, the clients wait that long and retry, and every submission must still \
+         end accepted and answered. The default N is 20,000 rather than 100,000 so that the \
+         runs fit the 15-minute budget on this 2-core machine; pass `--burst 100000` for the \
+         full size.\n",
         x.n,
         crate::scenarios::burst::CLIENTS
     );

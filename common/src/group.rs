@@ -64,3 +64,12 @@ impl<T: Send + 'static, R: Send + 'static> GroupCommit<T, R> {
         answer.await.ok()
     }
 }
+
+/// Answers every caller of a batch with `answer()`, e.g. the same error
+/// when the whole batch failed.
+pub fn answer_all<R>(replies: Vec<Reply<R>>, answer: impl Fn() -> R) {
+    for reply in replies {
+        // A caller that gave up no longer needs its answer.
+        let _ = reply.send(answer());
+    }
+}

@@ -36,12 +36,11 @@ async fn tenant_of(env: &TestEnv, conversation: &str) -> anyhow::Result<Uuid> {
 #[tokio::test]
 async fn one_statement_stores_a_batch_and_skips_busy_missing_and_foreign_conversations()
 -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key_a) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key_a) = env.create_key("acme").await?;
     let (_, key_b) = env.create_key("globex").await?;
     let x = env.api.create_conversation(&key_a, &json!({})).await?;
     let z = env
@@ -120,18 +119,34 @@ async fn one_statement_stores_a_batch_and_skips_busy_missing_and_foreign_convers
         (prompt.as_deref(), metadata),
         (Some("be brief"), json!({"k": "v"}))
     );
+
+    // The worker's batched prompt read: each conversation of the tenant with
+    // its system prompt and history; another tenant's is absent.
+    let sources = chatq_common::db::messages::prompt_sources(
+        &env.db,
+        &[(a, fresh.conversation_id), (a, foreign), (a, x)],
+    )
+    .await?;
+    let history =
+        |c: &Uuid| -> Vec<String> { sources[c].1.iter().map(|m| m.content.clone()).collect() };
+    assert_eq!(sources.len(), 2);
+    assert_eq!(
+        sources[&fresh.conversation_id].0.as_deref(),
+        Some("be brief")
+    );
+    assert_eq!(history(&fresh.conversation_id), vec!["new conversation"]);
+    assert_eq!(history(&x), vec![winner.content.clone()]);
     env.cleanup().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn concurrent_submissions_each_get_the_answer_they_would_get_alone() -> anyhow::Result<()> {
-    let env = TestEnv::start(EnvOptions {
+    let (env, key_a) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key_a) = env.create_key("acme").await?;
     let (_, key_b) = env.create_key("globex").await?;
     let api = &env.api;
     let busy = api.create_conversation(&key_a, &json!({})).await?;
@@ -240,12 +255,11 @@ async fn batched_claims_and_results_honour_each_claim_token() -> anyhow::Result<
     use chatq_common::db::jobs::{self, Success};
     use std::time::Duration;
 
-    let env = TestEnv::start(EnvOptions {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
         ..Default::default()
     })
     .await?;
-    let (_, key) = env.create_key("acme").await?;
     let mut ids = Vec::new();
     for i in 0..3 {
         let job = env

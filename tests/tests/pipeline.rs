@@ -281,3 +281,89 @@ async fn long_poll_returns_when_the_job_finishes_and_cancel_stops_a_queued_job()
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn pause_stops_taking_new_jobs_lets_in_flight_finish_and_resume_continues()
+-> anyhow::Result<()> {
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
+        mock_env: vec![("CHATQ_MOCK_LATENCY_MS".into(), "2000".into())],
+        ..Default::default()
+    })
+    .await?;
+    let api = &env.api;
+    let job_status = |id: String| {
+        let (api, key) = (api.clone(), key.clone());
+        async move {
+            let r = api.get(&format!("/v1/jobs/{id}"), &key).await?;
+            anyhow::Ok(r.str("status"))
+        }
+    };
+
+    // A job in flight when the operator pauses.
+    let first = api
+        .post("/v1/chat", &key, &json!({"content": "in flight"}))
+        .await?;
+    let first = first.str("id");
+    chatq_tests::eventually("the first job to be running", DEADLINE, || async {
+        Ok((job_status(first.clone()).await? == "running").then_some(()))
+    })
+    .await?;
+    let refused = api
+        .raw(
+            reqwest::Method::POST,
+            "/admin/v1/queues/pause",
+            Some(&key),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (401, "unauthorized")
+    );
+    let paused = api.admin_post("/admin/v1/queues/pause", &json!({})).await?;
+    assert_eq!(
+        (paused.status, paused.body["paused"].as_bool()),
+        (200, Some(true))
+    );
+    // Workers read the switch every second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let second = api
+        .post("/v1/chat", &key, &json!({"content": "after pause"}))
+        .await?;
+    let second = second.str("id");
+    let done = api.wait_terminal(&key, &first, DEADLINE).await?;
+    assert_eq!(done["status"], "succeeded", "the in-flight job finished");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        job_status(second.clone()).await?,
+        "queued",
+        "no new job taken"
+    );
+    let stats = env.mock_stats().await?;
+    assert_eq!(stats["total"].as_u64(), Some(1), "{stats}");
+    let queues = api
+        .get("/admin/v1/queues", chatq_tests::ADMIN_TOKEN)
+        .await?;
+    assert_eq!(
+        (
+            queues.body["paused"].as_bool(),
+            queues.body["depth"].as_u64()
+        ),
+        (Some(true), Some(1))
+    );
+
+    let resumed = api
+        .admin_post("/admin/v1/queues/resume", &json!({}))
+        .await?;
+    assert_eq!(
+        (resumed.status, resumed.body["paused"].as_bool()),
+        (200, Some(false))
+    );
+    let done = api.wait_terminal(&key, &second, DEADLINE).await?;
+    assert_eq!(done["status"], "succeeded");
+    env.job_summary().await?.assert_all_succeeded_once(2);
+    env.cleanup().await;
+    Ok(())
+}

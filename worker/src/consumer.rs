@@ -12,6 +12,8 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -24,6 +26,8 @@ use crate::runner::{JobContext, Outcome, run_job};
 
 /// Longest pause between reconnect attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// Longest wait for the rest of a cancelled consumer's deliveries.
+const CANCEL_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often `--drain` checks whether the queue is empty.
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -76,26 +80,40 @@ async fn consume_once(
     let conn = queue::connect(&ctx.config.amqp.amqp_url).await?;
     let prefetch = ctx.config.concurrency;
     let channel = queue::open_consumer_channel(&conn, topology, prefetch).await?;
-    let tag = format!("chatq-worker-{}", Uuid::new_v4());
-    let mut consumer = timed(channel.basic_consume(
-        topology.work_queue.as_str().into(),
-        tag.as_str().into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    ))
-    .await?;
-    tracing::info!(queue = %topology.work_queue, prefetch, "consuming");
+    let mut paused = ctx.paused.clone();
+    let mut consumer = None;
+    if !*paused.borrow_and_update() {
+        consumer = Some(start_consuming(&channel, topology).await?);
+    } else {
+        tracing::info!("consumption is paused by an operator; waiting for resume");
+    }
+    tracing::info!(queue = %topology.work_queue, prefetch, "connected");
     let mut drain_tick = tokio::time::interval(DRAIN_CHECK_INTERVAL);
     let mut empty_checks = 0;
     let stop = loop {
         tokio::select! {
-            next = consumer.next() => match next {
+            next = next_delivery(&mut consumer) => match next {
                 Some(Ok(delivery)) => {
                     tracker.spawn(handle_delivery(ctx.clone(), delivery, abandon.clone()));
                 }
                 Some(Err(err)) => return Err(err.into()),
                 None => return Err(queue::QueueError::Unavailable("consumer cancelled by the broker".into())),
             },
+            () = pause_changed(&mut paused) => {
+                let now_paused = *paused.borrow_and_update();
+                consumer = match (now_paused, consumer.take()) {
+                    (true, Some(running)) => {
+                        stop_consuming(&channel, running, ctx, tracker, abandon).await;
+                        tracing::info!(in_flight = tracker.len(), "paused by an operator: no new jobs; in-flight jobs finish");
+                        None
+                    }
+                    (false, None) => {
+                        tracing::info!("resumed by an operator");
+                        Some(start_consuming(&channel, topology).await?)
+                    }
+                    (_, unchanged) => unchanged,
+                };
+            }
             () = shutdown.cancelled() => break Stop::Shutdown,
             _ = drain_tick.tick(), if drain => {
                 let passive = QueueDeclareOptions { passive: true, ..Default::default() };
@@ -111,10 +129,8 @@ async fn consume_once(
         }
     };
     // Stop taking new messages; in-flight jobs keep their channel to ack on.
-    if let Err(err) =
-        timed(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())).await
-    {
-        tracing::warn!(error = %err, "could not cancel the consumer");
+    if let Some(running) = consumer {
+        stop_consuming(&channel, running, ctx, tracker, abandon).await;
     }
     tracing::info!(in_flight = tracker.len(), "stopped consuming");
     // The connection must outlive the in-flight jobs, which ack on it.
@@ -127,6 +143,66 @@ async fn consume_once(
     )
     .await;
     Ok(stop)
+}
+
+/// A running consumer and its tag.
+struct Running {
+    consumer: Consumer,
+    tag: String,
+}
+
+async fn start_consuming(
+    channel: &Channel,
+    topology: &Topology,
+) -> Result<Running, queue::QueueError> {
+    let tag = format!("chatq-worker-{}", Uuid::new_v4());
+    let consumer = timed(channel.basic_consume(
+        topology.work_queue.as_str().into(),
+        tag.as_str().into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await?;
+    tracing::info!(queue = %topology.work_queue, "consuming");
+    Ok(Running { consumer, tag })
+}
+
+/// Cancels the consumer, then hands what the broker had already delivered
+/// to it to jobs as usual, so no message stays unacknowledged on a channel
+/// that lives on (while paused).
+async fn stop_consuming(
+    channel: &Channel,
+    mut running: Running,
+    ctx: &Arc<JobContext>,
+    tracker: &TaskTracker,
+    abandon: &CancellationToken,
+) {
+    if let Err(err) =
+        timed(channel.basic_cancel(running.tag.as_str().into(), BasicCancelOptions::default()))
+            .await
+    {
+        tracing::warn!(error = %err, "could not cancel the consumer");
+        return;
+    }
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(CANCEL_DRAIN_TIMEOUT, running.consumer.next()).await
+    {
+        tracker.spawn(handle_delivery(ctx.clone(), delivery, abandon.clone()));
+    }
+}
+
+async fn next_delivery(consumer: &mut Option<Running>) -> Option<Result<Delivery, lapin::Error>> {
+    match consumer {
+        Some(running) => running.consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the pause flag changes (never, once its watcher is gone).
+async fn pause_changed(paused: &mut watch::Receiver<bool>) {
+    if paused.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn header_job_id(delivery: &Delivery) -> Option<String> {

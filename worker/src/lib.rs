@@ -2,6 +2,7 @@
 //! OpenAI-compatible LLM and writes the replies to PostgreSQL.
 
 pub mod consumer;
+pub mod controls;
 pub mod llm;
 pub mod prompt;
 pub mod recovery;
@@ -81,7 +82,9 @@ pub async fn run(
     let publisher = Publisher::new(&config.amqp);
     let grace = config.shutdown_grace;
     let relay_grace = config.relay_grace;
+    let stop_background = CancellationToken::new();
     let ctx = Arc::new(runner::JobContext {
+        paused: controls::watch_pause(db.clone(), stop_background.clone()),
         store: store::JobStore::start(db.clone(), config.lease),
         db: db.clone(),
         llm,
@@ -89,12 +92,11 @@ pub async fn run(
         config,
     });
 
-    let stop_recovery = CancellationToken::new();
     let recovery = tokio::spawn(recovery::run(
         db,
         publisher,
         relay_grace,
-        stop_recovery.clone(),
+        stop_background.clone(),
     ));
 
     // After SIGTERM, in-flight jobs get `grace`; then they are abandoned:
@@ -114,7 +116,7 @@ pub async fn run(
     };
     let stop = consumer::consume(ctx, topology, TaskTracker::new(), abandon, shutdown, drain).await;
     timer.abort();
-    stop_recovery.cancel();
+    stop_background.cancel();
     let _ = recovery.await;
     tracing::info!(?stop, "worker stopped");
     Ok(stop)

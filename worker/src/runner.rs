@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use chatq_common::db::{self, jobs, messages};
+use chatq_common::db::{self, jobs};
 use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::Publisher;
 
@@ -21,6 +21,8 @@ use crate::{WorkerConfig, prompt, retry};
 
 /// Everything a job needs, shared by all of a process's jobs.
 pub struct JobContext {
+    /// Whether an operator paused consumption (read by the consumer).
+    pub paused: tokio::sync::watch::Receiver<bool>,
     /// Claims and results, batched with other jobs'.
     pub store: JobStore,
     /// PostgreSQL pool.
@@ -180,7 +182,7 @@ pub async fn run_job(
 
 async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRequest>> {
     let source = with_db_retry("read conversation", || {
-        messages::prompt_source(&ctx.db, job.tenant_id, job.conversation_id)
+        ctx.store.prompt_source(job.tenant_id, job.conversation_id)
     })
     .await?;
     // The conversation was deleted after the claim: its jobs went with it.

@@ -1,5 +1,5 @@
-//! Group commit for the worker's two per-job writes: claims and results of
-//! concurrent jobs share one statement and one commit ([`GroupCommit`]).
+//! Group commit for the worker's per-job statements: claims, prompt reads
+//! and results of concurrent jobs share one statement each ([`GroupCommit`]).
 //! Both statements `NOTIFY`, and PostgreSQL serialises the commits of
 //! notifying transactions, so one commit per batch instead of one per job
 //! is what lets a worker with thousands of calls in flight keep up.
@@ -14,9 +14,10 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use chatq_common::db::messages::{self, PromptSource};
 use chatq_common::db::{self, jobs};
 use chatq_common::domain::Job;
-use chatq_common::group::{Batch, GroupCommit, Reply};
+use chatq_common::group::{Batch, GroupCommit, Reply, answer_all};
 
 /// Batches being committed at once, at most, per kind.
 const EXECUTORS: usize = 4;
@@ -24,12 +25,14 @@ const EXECUTORS: usize = 4;
 const MAX_BATCH: usize = 256;
 
 type ClaimResult = sqlx::Result<Option<Job>>;
+type ReadResult = sqlx::Result<Option<PromptSource>>;
 type WriteResult = sqlx::Result<bool>;
 
 /// Claims jobs and writes their results in batches.
 #[derive(Clone)]
 pub struct JobStore {
     claims: GroupCommit<(Uuid, Uuid), ClaimResult>,
+    prompts: GroupCommit<(Uuid, Uuid), ReadResult>,
     results: GroupCommit<jobs::Success, WriteResult>,
 }
 
@@ -41,17 +44,34 @@ impl JobStore {
             let db = claim_db.clone();
             async move { claim_batch(&db, batch, lease).await }
         });
+        let read_db = db.clone();
+        let prompts = GroupCommit::start(EXECUTORS, MAX_BATCH, move |batch| {
+            let db = read_db.clone();
+            async move { read_batch(&db, batch).await }
+        });
         let results = GroupCommit::start(EXECUTORS, MAX_BATCH, move |batch| {
             let db = db.clone();
             async move { succeed_batch(&db, batch).await }
         });
-        Self { claims, results }
+        Self {
+            claims,
+            prompts,
+            results,
+        }
     }
 
     /// [`jobs::claim`], batched with concurrent claims.
     pub async fn claim(&self, id: Uuid, token: Uuid) -> ClaimResult {
         self.claims
             .run((id, token))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+
+    /// [`messages::prompt_source`], batched with concurrent reads.
+    pub async fn prompt_source(&self, tenant_id: Uuid, conversation_id: Uuid) -> ReadResult {
+        self.prompts
+            .run((tenant_id, conversation_id))
             .await
             .unwrap_or(Err(sqlx::Error::PoolClosed))
     }
@@ -80,9 +100,7 @@ async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, l
             }
         }
         Err(err) if db::is_unavailable(&err) => {
-            for reply in replies {
-                let _ = reply.send(Err(db::unavailable_copy(&err)));
-            }
+            answer_all(replies, || Err(db::unavailable_copy(&err)));
         }
         Err(err) => {
             tracing::warn!(error = %err, claims = claims.len(), "claim batch failed; claiming one by one");
@@ -90,6 +108,29 @@ async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, l
                 alone(reply, {
                     let db = db.clone();
                     async move { jobs::claim(&db, id, token, lease).await }
+                });
+            }
+        }
+    }
+}
+
+async fn read_batch(db: &PgPool, batch: Batch<(Uuid, Uuid), ReadResult>) {
+    let (keys, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    match messages::prompt_sources(db, &keys).await {
+        Ok(sources) => {
+            for ((_, conversation_id), reply) in keys.into_iter().zip(replies) {
+                let _ = reply.send(Ok(sources.get(&conversation_id).cloned()));
+            }
+        }
+        Err(err) if db::is_unavailable(&err) => {
+            answer_all(replies, || Err(db::unavailable_copy(&err)));
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, reads = keys.len(), "prompt read batch failed; reading one by one");
+            for ((tenant_id, conversation_id), reply) in keys.into_iter().zip(replies) {
+                alone(reply, {
+                    let db = db.clone();
+                    async move { messages::prompt_source(&db, tenant_id, conversation_id).await }
                 });
             }
         }
@@ -107,9 +148,7 @@ async fn succeed_batch(db: &PgPool, mut batch: Batch<jobs::Success, WriteResult>
             }
         }
         Err(err) if db::is_unavailable(&err) => {
-            for reply in replies {
-                let _ = reply.send(Err(db::unavailable_copy(&err)));
-            }
+            answer_all(replies, || Err(db::unavailable_copy(&err)));
         }
         Err(err) => {
             tracing::warn!(error = %err, results = results.len(), "result batch failed; writing one by one");

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use chatq_common::db::keys;
+use chatq_common::db::{controls, keys};
 use chatq_common::domain::new_id;
 
 use crate::AppState;
@@ -86,6 +86,7 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<i
         ApiError::Unavailable("the broker")
     })?;
     let stats = chatq_common::db::jobs::stats(&state.db).await?;
+    let paused = controls::is_paused(&state.db).await?;
     let by_status: serde_json::Map<String, serde_json::Value> = stats
         .by_status
         .into_iter()
@@ -100,7 +101,23 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<i
         "max_length": broker.topology().max_length,
         "jobs_by_status": by_status,
         "oldest_queued_age_secs": stats.oldest_queued_age_secs,
+        "paused": paused,
     })))
+}
+
+/// `POST /admin/v1/queues/pause` → `{"paused": true}`: workers stop taking
+/// new jobs (within about a second); jobs they hold finish.
+pub async fn pause(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
+    let paused = controls::set_paused(&state.db, true).await?;
+    tracing::info!("consumption paused by an operator");
+    Ok(Json(json!({ "paused": paused })))
+}
+
+/// `POST /admin/v1/queues/resume` → `{"paused": false}`: workers take jobs again.
+pub async fn resume(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
+    let paused = controls::set_paused(&state.db, false).await?;
+    tracing::info!("consumption resumed by an operator");
+    Ok(Json(json!({ "paused": paused })))
 }
 
 /// Most dead letters replayed by one call.

@@ -38,6 +38,8 @@ pub fn router() -> Router<AppState> {
             axum::routing::delete(admin::revoke_key),
         )
         .route("/admin/v1/queues", get(admin::queues))
+        .route("/admin/v1/queues/pause", post(admin::pause))
+        .route("/admin/v1/queues/resume", post(admin::resume))
         .route(
             "/admin/v1/dead-letters/replay",
             post(admin::replay_dead_letters),

@@ -26,6 +26,8 @@ const MAX_ATTEMPTS: u32 = 30;
 pub struct BurstRun {
     /// Worker processes.
     pub workers: usize,
+    /// `CHATQ_MAX_QUEUE_LENGTH`, when the run caps the queue below the burst.
+    pub queue_max: Option<u64>,
     /// Submissions attempted.
     pub submissions: u64,
     /// Accepted (202).
@@ -74,9 +76,16 @@ struct Counters {
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<BurstResult> {
     let mut runs = Vec::new();
-    for workers in [1usize, 2, 4] {
-        println!("burst: {} submissions, {workers} worker(s)", ctx.burst_n);
-        runs.push(one(ctx, workers).await?);
+    // The last run caps the queue at a tenth of the burst, so the burst
+    // overflows it: 429 queue_full, Retry-After honoured, nothing lost.
+    let overflow = (ctx.burst_n / 10).max(10);
+    for (workers, queue_max) in [(1usize, None), (2, None), (4, None), (1, Some(overflow))] {
+        let cap = queue_max.map_or_else(String::new, |q| format!(", queue capped at {q}"));
+        println!(
+            "burst: {} submissions, {workers} worker(s){cap}",
+            ctx.burst_n
+        );
+        runs.push(one(ctx, workers, queue_max).await?);
     }
     let r = BurstResult {
         n: ctx.burst_n,
@@ -86,11 +95,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<BurstResult> {
     Ok(r)
 }
 
-async fn one(ctx: &Ctx, workers: usize) -> anyhow::Result<BurstRun> {
+async fn one(ctx: &Ctx, workers: usize, queue_max: Option<u64>) -> anyhow::Result<BurstRun> {
+    let defaults = SystemOptions::default();
     let sys = ctx
         .start(&SystemOptions {
             workers,
-            ..Default::default()
+            max_queue_length: queue_max.unwrap_or(defaults.max_queue_length),
+            ..defaults
         })
         .await?;
     let target = ctx.target(&sys);
@@ -158,6 +169,7 @@ async fn one(ctx: &Ctx, workers: usize) -> anyhow::Result<BurstRun> {
         retried: counters.retried.load(Ordering::Relaxed),
         status_5xx,
         timeouts,
+        queue_max,
         other_errors: other,
         submit_s,
         submit_per_s: accepted_ids.len() as f64 / submit_s.max(1e-9),
@@ -178,6 +190,8 @@ impl BurstResult {
             .map(|run| {
                 vec![
                     run.workers.to_string(),
+                    run.queue_max
+                        .map_or_else(|| "default".into(), |q| q.to_string()),
                     run.accepted.to_string(),
                     format!("{} ({})", run.rejected_429, run.retried),
                     run.status_5xx.to_string(),
@@ -194,6 +208,7 @@ impl BurstResult {
         Table {
             headers: &[
                 "workers",
+                "queue max",
                 "accepted",
                 "429 (retries)",
                 "5xx",

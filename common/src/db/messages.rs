@@ -1,5 +1,7 @@
 //! Messages of a conversation, read back in commit (seq) order.
 
+use std::collections::HashMap;
+
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -73,4 +75,55 @@ pub async fn prompt_source(
         })
         .collect();
     Ok(Some((system_prompt, history)))
+}
+
+/// A conversation's system prompt and history, as [`prompt_source`] reads it.
+pub type PromptSource = (Option<String>, Vec<Message>);
+
+/// [`prompt_source`] for many `(tenant id, conversation id)` pairs in one
+/// query, by conversation id; conversations that are gone are absent.
+pub async fn prompt_sources(
+    db: impl PgExecutor<'_>,
+    conversations: &[(Uuid, Uuid)],
+) -> sqlx::Result<HashMap<Uuid, PromptSource>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        conversation_id: Uuid,
+        system_prompt: Option<String>,
+        id: Option<Uuid>,
+        role: Option<Role>,
+        content: Option<String>,
+        job_id: Option<Uuid>,
+        created_at: Option<chrono::DateTime<chrono::Utc>>,
+    }
+    let (tenants, ids): (Vec<Uuid>, Vec<Uuid>) = conversations.iter().copied().unzip();
+    let rows: Vec<Row> = sqlx::query_as(
+        "select c.id as conversation_id, c.system_prompt,
+                m.id, m.role, m.content, m.job_id, m.created_at
+         from conversations c left join messages m on m.conversation_id = c.id
+         where (c.tenant_id, c.id) in (select * from unnest($1::uuid[], $2::uuid[]))
+         order by c.id, m.seq",
+    )
+    .bind(tenants)
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    let mut sources: HashMap<Uuid, PromptSource> = HashMap::new();
+    for r in rows {
+        let (_, history) = sources
+            .entry(r.conversation_id)
+            .or_insert_with(|| (r.system_prompt.clone(), Vec::new()));
+        if let (Some(id), Some(role), Some(content), Some(created_at)) =
+            (r.id, r.role, r.content, r.created_at)
+        {
+            history.push(Message {
+                id,
+                role,
+                content,
+                job_id: r.job_id,
+                created_at,
+            });
+        }
+    }
+    Ok(sources)
 }

@@ -2,6 +2,7 @@
 //! tenant-owned data is scoped by `tenant_id`; functions take
 //! `impl PgExecutor` so they work on a pool or inside a transaction.
 
+pub mod controls;
 pub mod conversations;
 pub mod jobs;
 pub mod keys;
@@ -43,5 +44,9 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
 /// is unreachable (a `sqlx::Error` cannot be cloned); [`is_unavailable`]
 /// holds for it, so callers retry or answer 503 as for the original.
 pub fn unavailable_copy(err: &sqlx::Error) -> sqlx::Error {
-    sqlx::Error::Io(std::io::Error::other(err.to_string()))
+    let io = match err {
+        sqlx::Error::Io(io) => std::io::Error::new(io.kind(), io.to_string()),
+        other => std::io::Error::other(other.to_string()),
+    };
+    sqlx::Error::Io(io)
 }
