@@ -64,7 +64,15 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
     let raw = std::fs::read_to_string(dir.join("burst.json")).expect("burst.json was written");
     let burst: serde_json::Value = serde_json::from_str(&raw).expect("burst.json is JSON");
     let runs = burst["runs"].as_array().expect("burst runs");
-    assert_eq!(runs.len(), 3, "one burst run per worker count: {burst}");
+    assert_eq!(
+        runs.len(),
+        4,
+        "one burst run per worker count, then one with a capped queue: {burst}"
+    );
+    assert!(
+        runs[3]["queue_max"].as_u64().is_some(),
+        "the last run caps the queue: {burst}"
+    );
     for run in runs {
         assert_eq!(run["lost"], 0, "no accepted job lost: {run}");
         assert_eq!(run["duplicates"], 0, "no duplicated job: {run}");
