@@ -155,16 +155,7 @@ async fn succeed_batch(db: &PgPool, mut batch: Batch<jobs::Success, WriteResult>
             for (s, reply) in results.into_iter().zip(replies) {
                 alone(reply, {
                     let db = db.clone();
-                    async move {
-                        let result = jobs::JobResult {
-                            message_id: s.message_id,
-                            content: &s.content,
-                            finish_reason: &s.finish_reason,
-                            prompt_tokens: s.prompt_tokens,
-                            completion_tokens: s.completion_tokens,
-                        };
-                        jobs::succeed(&db, s.id, s.token, &result).await
-                    }
+                    async move { jobs::succeed(&db, &s).await }
                 });
             }
         }

@@ -30,21 +30,6 @@ pub struct NewJob<'a> {
     pub request_hash: Option<&'a [u8]>,
 }
 
-/// What a successful LLM call produced.
-#[derive(Debug, Clone)]
-pub struct JobResult<'a> {
-    /// The assistant message to write.
-    pub message_id: Uuid,
-    /// Reply text.
-    pub content: &'a str,
-    /// The LLM's finish reason.
-    pub finish_reason: &'a str,
-    /// Prompt tokens reported.
-    pub prompt_tokens: Option<i32>,
-    /// Completion tokens reported.
-    pub completion_tokens: Option<i32>,
-}
-
 /// The tenant's job with this id.
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as("select * from jobs where tenant_id = $1 and id = $2")
@@ -163,18 +148,7 @@ pub async fn claim(
     token: Uuid,
     lease: Duration,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "update jobs set status = 'running', attempts = attempts + 1, claim_token = $2,
-                         lease_expires_at = now() + make_interval(secs => $3),
-                         started_at = coalesce(started_at, now()), updated_at = now()
-         where id = $1 and status = 'queued'
-         returning *, pg_notify('chatq_job', id::text)::text as notified",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(lease.as_secs_f64())
-    .fetch_optional(db)
-    .await
+    Ok(claim_many(db, &[(id, token)], lease).await?.pop())
 }
 
 /// [`claim`] for many jobs in one statement: `(job id, claim token)` pairs.
@@ -225,34 +199,9 @@ pub async fn heartbeat(
 /// Marks a claimed job succeeded and appends its reply to the conversation
 /// as the assistant message, in one statement (one commit). False, with
 /// nothing written, if the claim is no longer held.
-pub async fn succeed(
-    db: impl PgExecutor<'_>,
-    id: Uuid,
-    token: Uuid,
-    r: &JobResult<'_>,
-) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "with done as (
-             update jobs set status = 'succeeded', finished_at = now(), updated_at = now(),
-                             result_message_id = $3, result_content = $4, finish_reason = $5,
-                             prompt_tokens = $6, completion_tokens = $7,
-                             claim_token = null, lease_expires_at = null
-             where id = $1 and claim_token = $2 and status = 'running'
-             returning id, tenant_id, conversation_id, pg_notify('chatq_job', id::text)::text
-         )
-         insert into messages (id, tenant_id, conversation_id, role, content, job_id)
-         select $3, tenant_id, conversation_id, 'assistant', $4, id from done",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(r.message_id)
-    .bind(r.content)
-    .bind(r.finish_reason)
-    .bind(r.prompt_tokens)
-    .bind(r.completion_tokens)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn succeed(db: impl PgExecutor<'_>, result: &Success) -> sqlx::Result<bool> {
+    let written = succeed_many(db, std::slice::from_ref(result)).await?;
+    Ok(!written.is_empty())
 }
 
 /// A result to write with [`succeed_many`].

@@ -38,43 +38,9 @@ pub async fn prompt_source(
     db: impl PgExecutor<'_>,
     tenant_id: Uuid,
     conversation_id: Uuid,
-) -> sqlx::Result<Option<(Option<String>, Vec<Message>)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        system_prompt: Option<String>,
-        id: Option<Uuid>,
-        role: Option<Role>,
-        content: Option<String>,
-        job_id: Option<Uuid>,
-        created_at: Option<chrono::DateTime<chrono::Utc>>,
-    }
-    let rows: Vec<Row> = sqlx::query_as(
-        "select c.system_prompt, m.id, m.role, m.content, m.job_id, m.created_at
-         from conversations c left join messages m on m.conversation_id = c.id
-         where c.tenant_id = $1 and c.id = $2
-         order by m.seq",
-    )
-    .bind(tenant_id)
-    .bind(conversation_id)
-    .fetch_all(db)
-    .await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let system_prompt = first.system_prompt.clone();
-    let history = rows
-        .into_iter()
-        .filter_map(|r| {
-            Some(Message {
-                id: r.id?,
-                role: r.role?,
-                content: r.content?,
-                job_id: r.job_id,
-                created_at: r.created_at?,
-            })
-        })
-        .collect();
-    Ok(Some((system_prompt, history)))
+) -> sqlx::Result<Option<PromptSource>> {
+    let mut sources = prompt_sources(db, &[(tenant_id, conversation_id)]).await?;
+    Ok(sources.remove(&conversation_id))
 }
 
 /// A conversation's system prompt and history, as [`prompt_source`] reads it.
