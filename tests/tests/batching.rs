@@ -307,9 +307,9 @@ async fn batched_claims_and_results_honour_each_claim_token() -> anyhow::Result<
         &[success(a, loser, "stale"), success(b, tb, "reply b")],
     )
     .await?;
-    assert_eq!(written, vec![b]);
+    assert_eq!(written, vec![(b, tb)]);
     let written = jobs::succeed_many(&env.db, &[success(a, ta, "reply a")]).await?;
-    assert_eq!(written, vec![a]);
+    assert_eq!(written, vec![(a, ta)]);
 
     let replies: Vec<(Uuid, String)> = sqlx::query_as(
         "select job_id, content from messages where role = 'assistant' order by content",

@@ -142,9 +142,9 @@ async fn succeed_batch(db: &PgPool, mut batch: Batch<jobs::Success, WriteResult>
     let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     match jobs::succeed_many(db, &results).await {
         Ok(written) => {
-            let written: HashSet<Uuid> = written.into_iter().collect();
+            let written: HashSet<(Uuid, Uuid)> = written.into_iter().collect();
             for (s, reply) in results.iter().zip(replies) {
-                let _ = reply.send(Ok(written.contains(&s.id)));
+                let _ = reply.send(Ok(written.contains(&(s.id, s.token))));
             }
         }
         Err(err) if db::is_unavailable(&err) => {

@@ -223,9 +223,13 @@ pub struct Success {
     pub completion_tokens: Option<i32>,
 }
 
-/// [`succeed`] for many jobs in one statement; returns the ids of the jobs
-/// whose claim was still held, which are now succeeded with their reply.
-pub async fn succeed_many(db: impl PgExecutor<'_>, results: &[Success]) -> sqlx::Result<Vec<Uuid>> {
+/// [`succeed`] for many jobs in one statement; returns `(job id, claim
+/// token)` of the results whose claim was still held, which are now
+/// succeeded with their reply.
+pub async fn succeed_many(
+    db: impl PgExecutor<'_>,
+    results: &[Success],
+) -> sqlx::Result<Vec<(Uuid, Uuid)>> {
     let n = results.len();
     let mut ids = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
@@ -243,7 +247,7 @@ pub async fn succeed_many(db: impl PgExecutor<'_>, results: &[Success]) -> sqlx:
         prompt_tokens.push(r.prompt_tokens);
         completion_tokens.push(r.completion_tokens);
     }
-    sqlx::query_scalar(
+    sqlx::query_as(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
                                   $6::int4[], $7::int4[])
@@ -257,13 +261,13 @@ pub async fn succeed_many(db: impl PgExecutor<'_>, results: &[Success]) -> sqlx:
                                claim_token = null, lease_expires_at = null
              from input i
              where j.id = i.id and j.claim_token = i.token and j.status = 'running'
-             returning j.id, j.tenant_id, j.conversation_id, i.message_id, i.content,
+             returning j.id, i.token, j.tenant_id, j.conversation_id, i.message_id, i.content,
                        pg_notify('chatq_job', j.id::text)::text as notified
          ), reply as (
              insert into messages (id, tenant_id, conversation_id, role, content, job_id)
              select message_id, tenant_id, conversation_id, 'assistant', content, id from done
          )
-         select id from done",
+         select id, token from done",
     )
     .bind(ids)
     .bind(tokens)
