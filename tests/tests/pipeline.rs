@@ -285,12 +285,12 @@ async fn long_poll_returns_when_the_job_finishes_and_cancel_stops_a_queued_job()
 #[tokio::test]
 async fn pause_stops_taking_new_jobs_lets_in_flight_finish_and_resume_continues()
 -> anyhow::Result<()> {
-    let (env, key) = TestEnv::start_with_key(EnvOptions {
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
         mock_env: vec![("CHATQ_MOCK_LATENCY_MS".into(), "2000".into())],
         ..Default::default()
     })
     .await?;
-    let api = &env.api;
+    let api = env.api.clone();
     let job_status = |id: String| {
         let (api, key) = (api.clone(), key.clone());
         async move {
@@ -326,8 +326,10 @@ async fn pause_stops_taking_new_jobs_lets_in_flight_finish_and_resume_continues(
         (paused.status, paused.body["paused"].as_bool()),
         (200, Some(true))
     );
-    // Workers read the switch every second.
+    // Workers read the switch every second; one started during the pause
+    // reads it before it consumes.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.start_worker(&[]).await?;
 
     let second = api
         .post("/v1/chat", &key, &json!({"content": "after pause"}))

@@ -84,7 +84,7 @@ pub async fn run(
     let relay_grace = config.relay_grace;
     let stop_background = CancellationToken::new();
     let ctx = Arc::new(runner::JobContext {
-        paused: controls::watch_pause(db.clone(), stop_background.clone()),
+        paused: controls::watch_pause(db.clone(), stop_background.clone()).await,
         store: store::JobStore::start(db.clone(), config.lease),
         db: db.clone(),
         llm,
