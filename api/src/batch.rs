@@ -10,11 +10,10 @@ use std::collections::HashMap;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use chatq_common::db::jobs::NewJob;
-use chatq_common::db::submissions::{self, BatchedTurn, UserTurn};
-use chatq_common::db::{self};
+use chatq_common::db;
+use chatq_common::db::submissions::{self, NewTurn};
 use chatq_common::domain::Job;
-use chatq_common::group::{Batch, GroupCommit, Reply, answer_all};
+use chatq_common::group::{Batch, GroupCommit, Reply, answer_all, answer_alone};
 
 /// Batches being committed at once, at most.
 const EXECUTORS: usize = 4;
@@ -24,7 +23,7 @@ const MAX_BATCH: usize = 256;
 /// Hands turns to the batch executors.
 #[derive(Clone)]
 pub struct SubmitBatcher {
-    group: GroupCommit<BatchedTurn, sqlx::Result<Option<Job>>>,
+    group: GroupCommit<NewTurn, sqlx::Result<Option<Job>>>,
 }
 
 impl SubmitBatcher {
@@ -39,8 +38,8 @@ impl SubmitBatcher {
 
     /// Stores the turn (and its new conversation, if any) and its job. `None`
     /// if the tenant has no such conversation; a busy conversation violates
-    /// `jobs_one_active_per_conversation`, as the one-at-a-time statements do.
-    pub async fn submit(&self, turn: BatchedTurn) -> sqlx::Result<Option<Job>> {
+    /// `jobs_one_active_per_conversation`, as [`submissions::submit_one`] does.
+    pub async fn submit(&self, turn: NewTurn) -> sqlx::Result<Option<Job>> {
         self.group
             .run(turn)
             .await
@@ -48,10 +47,10 @@ impl SubmitBatcher {
     }
 }
 
-async fn store_batch(db: &PgPool, mut batch: Batch<BatchedTurn, sqlx::Result<Option<Job>>>) {
+async fn store_batch(db: &PgPool, mut batch: Batch<NewTurn, sqlx::Result<Option<Job>>>) {
     if let [_] = batch.as_slice() {
         if let Some((turn, reply)) = batch.pop() {
-            let _ = reply.send(store_one(db, &turn, None).await);
+            let _ = reply.send(submissions::submit_one(db, &turn, None).await);
         }
         return;
     }
@@ -85,38 +84,10 @@ async fn store_batch(db: &PgPool, mut batch: Batch<BatchedTurn, sqlx::Result<Opt
     }
 }
 
-fn retry_alone(db: &PgPool, turn: BatchedTurn, reply: Reply<sqlx::Result<Option<Job>>>) {
+/// Stores one turn alone, for the exact answer the batch could not give.
+fn retry_alone(db: &PgPool, turn: NewTurn, reply: Reply<sqlx::Result<Option<Job>>>) {
     let db = db.clone();
-    tokio::spawn(async move {
-        let _ = reply.send(store_one(&db, &turn, None).await);
+    answer_alone(reply, async move {
+        submissions::submit_one(&db, &turn, None).await
     });
-}
-
-/// Stores one turn with the one-at-a-time statements, which report exactly
-/// what went wrong; `idempotency` is the client's key and request hash.
-pub async fn store_one(
-    db: &PgPool,
-    turn: &BatchedTurn,
-    idempotency: Option<(&str, &[u8])>,
-) -> sqlx::Result<Option<Job>> {
-    let job = NewJob {
-        id: turn.job_id,
-        tenant_id: turn.tenant_id,
-        conversation_id: turn.conversation_id,
-        model: &turn.model,
-        max_tokens: turn.max_tokens,
-        temperature: turn.temperature,
-        idempotency_key: idempotency.map(|(key, _)| key),
-        request_hash: idempotency.map(|(_, hash)| hash),
-    };
-    let user_turn = UserTurn {
-        message_id: turn.message_id,
-        content: &turn.content,
-    };
-    match &turn.new_conversation {
-        None => submissions::submit_to_conversation(db, &job, user_turn).await,
-        Some(c) => submissions::submit_with_new_conversation(db, c, &job, user_turn)
-            .await
-            .map(Some),
-    }
 }

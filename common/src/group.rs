@@ -73,3 +73,14 @@ pub fn answer_all<R>(replies: Vec<Reply<R>>, answer: impl Fn() -> R) {
         let _ = reply.send(answer());
     }
 }
+
+/// Answers one caller of a batch from a task of its own (e.g. an item
+/// retried alone), so a slow item does not hold up the executor.
+pub fn answer_alone<R: Send + 'static>(
+    reply: Reply<R>,
+    answer: impl Future<Output = R> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _ = reply.send(answer.await);
+    });
+}

@@ -4,14 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chatq_common::db::submissions::{self, BatchedTurn};
+use chatq_common::db::submissions::{self, NewTurn};
 use chatq_common::domain::{Conversation, new_id};
 use chatq_tests::{EnvOptions, TestEnv};
 use serde_json::json;
 use uuid::Uuid;
 
-fn turn(tenant_id: Uuid, conversation_id: Uuid, model: &str, content: &str) -> BatchedTurn {
-    BatchedTurn {
+fn turn(tenant_id: Uuid, conversation_id: Uuid, model: &str, content: &str) -> NewTurn {
+    NewTurn {
         job_id: new_id(),
         tenant_id,
         conversation_id,

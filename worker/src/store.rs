@@ -17,7 +17,7 @@ use uuid::Uuid;
 use chatq_common::db::messages::{self, PromptSource};
 use chatq_common::db::{self, jobs};
 use chatq_common::domain::Job;
-use chatq_common::group::{Batch, GroupCommit, Reply, answer_all};
+use chatq_common::group::{Batch, GroupCommit, answer_all, answer_alone};
 
 /// Batches being committed at once, at most, per kind.
 const EXECUTORS: usize = 4;
@@ -105,7 +105,7 @@ async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, l
         Err(err) => {
             tracing::warn!(error = %err, claims = claims.len(), "claim batch failed; claiming one by one");
             for ((id, token), reply) in claims.into_iter().zip(replies) {
-                alone(reply, {
+                answer_alone(reply, {
                     let db = db.clone();
                     async move { jobs::claim(&db, id, token, lease).await }
                 });
@@ -128,7 +128,7 @@ async fn read_batch(db: &PgPool, batch: Batch<(Uuid, Uuid), ReadResult>) {
         Err(err) => {
             tracing::warn!(error = %err, reads = keys.len(), "prompt read batch failed; reading one by one");
             for ((tenant_id, conversation_id), reply) in keys.into_iter().zip(replies) {
-                alone(reply, {
+                answer_alone(reply, {
                     let db = db.clone();
                     async move { messages::prompt_source(&db, tenant_id, conversation_id).await }
                 });
@@ -153,19 +153,11 @@ async fn succeed_batch(db: &PgPool, mut batch: Batch<jobs::Success, WriteResult>
         Err(err) => {
             tracing::warn!(error = %err, results = results.len(), "result batch failed; writing one by one");
             for (s, reply) in results.into_iter().zip(replies) {
-                alone(reply, {
+                answer_alone(reply, {
                     let db = db.clone();
                     async move { jobs::succeed(&db, &s).await }
                 });
             }
         }
     }
-}
-
-/// Runs one item's fallback on its own task, so a slow one does not hold
-/// the executor.
-fn alone<R: Send + 'static>(reply: Reply<R>, op: impl Future<Output = R> + Send + 'static) {
-    tokio::spawn(async move {
-        let _ = reply.send(op.await);
-    });
 }

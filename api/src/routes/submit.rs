@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use uuid::Uuid;
 
-use chatq_common::db::submissions::BatchedTurn;
+use chatq_common::db::submissions::{self, NewTurn};
 use chatq_common::db::{self, conversations, jobs, rate_limits};
 use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::QueueError;
@@ -17,11 +17,11 @@ use chatq_common::queue::QueueError;
 use super::conversations::{
     NewConversation, conversation_row, validate_model, validate_new_conversation,
 };
+use crate::AppState;
 use crate::auth::Tenant;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{IdPath, JsonBody};
 use crate::views::JobView;
-use crate::{AppState, batch};
 
 /// Largest accepted `max_tokens`.
 const MAX_TOKENS_LIMIT: i64 = 32_768;
@@ -81,8 +81,7 @@ pub async fn submit(
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> ApiResult<Response> {
     check_rate_limit(&state, &tenant).await?;
-    let idempotency = idempotency_key(&headers)?;
-    let request_hash = request_hash(&("messages", conversation_id, &body));
+    let idempotency = idempotency(&headers, &("messages", conversation_id, &body))?;
     let turn = validate_turn(
         &state,
         body.content,
@@ -95,8 +94,7 @@ pub async fn submit(
         &tenant,
         Target::Existing(conversation_id),
         turn,
-        idempotency.as_deref(),
-        &request_hash,
+        idempotency.as_ref(),
     )
     .await
 }
@@ -109,8 +107,7 @@ pub async fn chat(
     JsonBody(body): JsonBody<ChatBody>,
 ) -> ApiResult<Response> {
     check_rate_limit(&state, &tenant).await?;
-    let idempotency = idempotency_key(&headers)?;
-    let request_hash = request_hash(&("chat", &body));
+    let idempotency = idempotency(&headers, &("chat", &body))?;
     let turn = validate_turn(
         &state,
         body.content,
@@ -124,8 +121,7 @@ pub async fn chat(
         &tenant,
         Target::New(new),
         turn,
-        idempotency.as_deref(),
-        &request_hash,
+        idempotency.as_ref(),
     )
     .await
 }
@@ -186,8 +182,15 @@ async fn check_rate_limit(state: &AppState, tenant: &Tenant) -> ApiResult<()> {
     Ok(())
 }
 
-/// The `Idempotency-Key` header, if given: 1–255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+/// A client's `Idempotency-Key` and the hash of the request it came with.
+pub struct Idempotency {
+    key: String,
+    request_hash: Vec<u8>,
+}
+
+/// The `Idempotency-Key` header, if given (1–255 visible ASCII characters),
+/// with the hash of `request`, which is only computed when there is a key.
+fn idempotency(headers: &HeaderMap, request: &impl Serialize) -> ApiResult<Option<Idempotency>> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -200,13 +203,12 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
             "Idempotency-Key: must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
         )));
     }
-    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
-}
-
-fn request_hash(request: &impl Serialize) -> Vec<u8> {
     // Serialising a derived struct is deterministic: same request, same bytes.
-    let bytes = serde_json::to_vec(request).unwrap_or_default();
-    sha2::Sha256::digest(&bytes).to_vec()
+    let serialized = serde_json::to_vec(request).unwrap_or_default();
+    Ok(Some(Idempotency {
+        key: String::from_utf8_lossy(bytes).into_owned(),
+        request_hash: sha2::Sha256::digest(&serialized).to_vec(),
+    }))
 }
 
 /// Stores the turn and its job (one statement), publishes, answers 202.
@@ -215,34 +217,32 @@ pub async fn submit_turn(
     tenant: &Tenant,
     target: Target,
     turn: TurnInput,
-    idempotency_key: Option<&str>,
-    request_hash: &[u8],
+    idempotency: Option<&Idempotency>,
 ) -> ApiResult<Response> {
-    if let Some(key) = idempotency_key
-        && let Some(existing) = replay(state, tenant, key, request_hash).await?
+    if let Some(i) = idempotency
+        && let Some(existing) = replay(state, tenant, i).await?
     {
         return Ok(existing);
     }
     let created_conversation = matches!(target, Target::New(_));
-    let job = match store_turn(state, tenant, target, turn, idempotency_key, request_hash).await {
-        Err(ApiError::Conflict(IDEMPOTENCY_RACE)) => {
+    let job = match (
+        store_turn(state, tenant, target, turn, idempotency).await,
+        idempotency,
+    ) {
+        (Err(ApiError::Conflict(IDEMPOTENCY_RACE)), Some(i)) => {
             // A concurrent request with the same key won; answer as its replay.
-            let key = idempotency_key.unwrap_or_default();
-            return replay(state, tenant, key, request_hash)
-                .await?
-                .ok_or(ApiError::Conflict(
-                    "idempotency key was just used by a request that did not complete",
-                ));
+            return replay(state, tenant, i).await?.ok_or(ApiError::Conflict(
+                "idempotency key was just used by a request that did not complete",
+            ));
         }
         // A concurrent twin with the same key may have made the conversation
         // busy before either reached the key's constraint: replay it.
-        Err(ApiError::ConversationBusy) if idempotency_key.is_some() => {
-            let key = idempotency_key.unwrap_or_default();
-            return replay(state, tenant, key, request_hash)
+        (Err(ApiError::ConversationBusy), Some(i)) => {
+            return replay(state, tenant, i)
                 .await?
                 .ok_or(ApiError::ConversationBusy);
         }
-        other => other?,
+        (other, _) => other?,
     };
     match state.publisher.publish(job.id).await {
         Ok(()) => {}
@@ -270,12 +270,13 @@ const IDEMPOTENCY_RACE: &str = "idempotency key race";
 async fn replay(
     state: &AppState,
     tenant: &Tenant,
-    key: &str,
-    request_hash: &[u8],
+    idempotency: &Idempotency,
 ) -> ApiResult<Option<Response>> {
-    match jobs::find_by_idempotency_key(&state.db, tenant.id, key).await? {
+    match jobs::find_by_idempotency_key(&state.db, tenant.id, &idempotency.key).await? {
         None => Ok(None),
-        Some((job, hash)) if hash.as_deref() == Some(request_hash) => Ok(Some(accepted(job))),
+        Some((job, hash)) if hash.as_deref() == Some(idempotency.request_hash.as_slice()) => {
+            Ok(Some(accepted(job)))
+        }
         Some(_) => Err(ApiError::Conflict(
             "Idempotency-Key was already used with a different request",
         )),
@@ -287,8 +288,7 @@ async fn store_turn(
     tenant: &Tenant,
     target: Target,
     turn: TurnInput,
-    idempotency_key: Option<&str>,
-    request_hash: &[u8],
+    idempotency: Option<&Idempotency>,
 ) -> ApiResult<Job> {
     let (conversation_id, new_conversation) = match target {
         Target::Existing(id) => (id, None),
@@ -297,7 +297,7 @@ async fn store_turn(
             (conversation.id, Some(conversation))
         }
     };
-    let turn = BatchedTurn {
+    let turn = NewTurn {
         job_id: new_id(),
         tenant_id: tenant.id,
         conversation_id,
@@ -309,9 +309,12 @@ async fn store_turn(
         message_id: new_id(),
         content: turn.content,
     };
-    let stored = match idempotency_key {
+    let stored = match idempotency {
         // Keyed submissions are rare and need their own conflict handling.
-        Some(key) => batch::store_one(&state.db, &turn, Some((key, request_hash))).await,
+        Some(i) => {
+            let keyed = (i.key.as_str(), i.request_hash.as_slice());
+            submissions::submit_one(&state.db, &turn, Some(keyed)).await
+        }
         None => state.batcher.submit(turn).await,
     };
     let stored = stored.map_err(|err| match db::violated_constraint(&err) {

@@ -9,27 +9,6 @@ use uuid::Uuid;
 
 use crate::domain::Job;
 
-/// A job to store, queued.
-#[derive(Debug, Clone)]
-pub struct NewJob<'a> {
-    /// Job id (uuid v7).
-    pub id: Uuid,
-    /// Owning tenant.
-    pub tenant_id: Uuid,
-    /// Conversation it answers in.
-    pub conversation_id: Uuid,
-    /// Model to call.
-    pub model: &'a str,
-    /// Completion token cap.
-    pub max_tokens: Option<i32>,
-    /// Sampling temperature.
-    pub temperature: Option<f64>,
-    /// The client's idempotency key.
-    pub idempotency_key: Option<&'a str>,
-    /// Hash of the request the idempotency key came with.
-    pub request_hash: Option<&'a [u8]>,
-}
-
 /// The tenant's job with this id.
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as("select * from jobs where tenant_id = $1 and id = $2")
@@ -299,28 +278,6 @@ pub async fn fail(
     )
     .bind(id)
     .bind(token)
-    .bind(code)
-    .bind(message)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Marks a queued job failed without running it (e.g. its conversation
-/// cannot be read); false if it was not queued.
-pub async fn fail_queued(
-    db: impl PgExecutor<'_>,
-    id: Uuid,
-    code: &str,
-    message: &str,
-) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
-                         error_code = $2, error_message = $3
-         where id = $1 and status = 'queued'
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
     .bind(code)
     .bind(message)
     .execute(db)

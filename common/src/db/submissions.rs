@@ -5,30 +5,30 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::db::jobs::NewJob;
 use crate::domain::{Conversation, Job};
 
-/// The user message that starts a job.
-#[derive(Debug, Clone, Copy)]
-pub struct UserTurn<'a> {
-    /// Message id (uuid v7).
-    pub message_id: Uuid,
-    /// The user's text.
-    pub content: &'a str,
-}
-
-/// Stores the turn in the tenant's existing conversation `job.conversation_id`.
-/// The job's model defaults to the conversation's when `job.model` is empty.
-/// `None` if the tenant has no such conversation. Violates
-/// `jobs_one_active_per_conversation` when it is busy.
-pub async fn submit_to_conversation(
+/// Stores one turn (creating its conversation if `turn.new_conversation` is
+/// set) with its queued job, in one statement. The job's model defaults to
+/// the conversation's when `turn.model` is empty; `idempotency` is the
+/// client's key and request hash. `None` if the tenant has no such
+/// conversation. Unlike [`submit_many`], constraints are not skipped: a
+/// busy conversation violates `jobs_one_active_per_conversation`, a reused
+/// key `jobs_tenant_idempotency_key`, so the caller learns exactly why.
+pub async fn submit_one(
     db: impl PgExecutor<'_>,
-    job: &NewJob<'_>,
-    turn: UserTurn<'_>,
+    turn: &NewTurn,
+    idempotency: Option<(&str, &[u8])>,
 ) -> sqlx::Result<Option<Job>> {
+    let c = turn.new_conversation.as_ref();
     sqlx::query_as(
-        "with conv as (
-             select id, model from conversations where tenant_id = $2 and id = $3
+        "with new_conv as (
+             insert into conversations (id, tenant_id, system_prompt, model, metadata)
+             select $3, $2, $11, $12, $13 where $14
+             returning id, model
+         ), conv as (
+             select id, model from new_conv
+             union all
+             select id, model from conversations where tenant_id = $2 and id = $3 and not $14
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
                                idempotency_key, request_hash)
@@ -40,65 +40,28 @@ pub async fn submit_to_conversation(
          )
          select * from job",
     )
-    .bind(job.id)
-    .bind(job.tenant_id)
-    .bind(job.conversation_id)
-    .bind(job.model)
-    .bind(job.max_tokens)
-    .bind(job.temperature)
-    .bind(job.idempotency_key)
-    .bind(job.request_hash)
+    .bind(turn.job_id)
+    .bind(turn.tenant_id)
+    .bind(turn.conversation_id)
+    .bind(&turn.model)
+    .bind(turn.max_tokens)
+    .bind(turn.temperature)
+    .bind(idempotency.map(|(key, _)| key))
+    .bind(idempotency.map(|(_, hash)| hash))
     .bind(turn.message_id)
-    .bind(turn.content)
+    .bind(&turn.content)
+    .bind(c.and_then(|c| c.system_prompt.as_deref()))
+    .bind(c.map(|c| c.model.as_str()))
+    .bind(c.map(|c| &c.metadata))
+    .bind(c.is_some())
     .fetch_optional(db)
     .await
 }
 
-/// Stores a new conversation `c` with the turn and its job (`POST /v1/chat`).
-pub async fn submit_with_new_conversation(
-    db: impl PgExecutor<'_>,
-    c: &Conversation,
-    job: &NewJob<'_>,
-    turn: UserTurn<'_>,
-) -> sqlx::Result<Job> {
-    sqlx::query_as(
-        "with conv as (
-             insert into conversations (id, tenant_id, system_prompt, model, metadata)
-             values ($3, $2, $11, $12, $13)
-             returning id, model
-         ), job as (
-             insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               idempotency_key, request_hash)
-             select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8 from conv
-             returning *
-         ), msg as (
-             insert into messages (id, tenant_id, conversation_id, role, content, job_id)
-             select $9, $2, job.conversation_id, 'user', $10, job.id from job
-         )
-         select * from job",
-    )
-    .bind(job.id)
-    .bind(job.tenant_id)
-    .bind(c.id)
-    .bind(job.model)
-    .bind(job.max_tokens)
-    .bind(job.temperature)
-    .bind(job.idempotency_key)
-    .bind(job.request_hash)
-    .bind(turn.message_id)
-    .bind(turn.content)
-    .bind(&c.system_prompt)
-    .bind(&c.model)
-    .bind(&c.metadata)
-    .fetch_one(db)
-    .await
-}
-
-/// One submission of a batch: a turn for an existing conversation of the
-/// tenant, or for a conversation created with it. Batched submissions carry
-/// no idempotency key (those take the one-at-a-time path).
+/// A turn to submit: for an existing conversation of the tenant, or for a
+/// conversation created with it.
 #[derive(Debug, Clone)]
-pub struct BatchedTurn {
+pub struct NewTurn {
     /// Job id (uuid v7).
     pub job_id: Uuid,
     /// Owning tenant.
@@ -124,7 +87,7 @@ pub struct BatchedTurn {
 /// is busy is skipped, not an error: the caller retries it alone to learn
 /// why. Callers should order turns by conversation id, so that concurrent
 /// batches wait on each other in one order.
-pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[BatchedTurn]) -> sqlx::Result<Vec<Job>> {
+pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Result<Vec<Job>> {
     let n = turns.len();
     let mut job_ids = Vec::with_capacity(n);
     let mut tenant_ids = Vec::with_capacity(n);
