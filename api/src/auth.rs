@@ -38,17 +38,28 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        let Some(token) = bearer(parts) else {
+            state.keys.count_refusal();
+            return Err(ApiError::Unauthorized);
+        };
         let hash = keys::hash_key(token);
         let key = match state.keys.get(&hash) {
-            Some(key) => key,
-            None => {
-                let key = keys::find_active(&state.db, &hash)
-                    .await?
-                    .ok_or(ApiError::Unauthorized)?;
-                state.keys.put(hash, key.clone());
-                key
+            Some(Lookup::Known(key)) => key,
+            Some(Lookup::Unknown) => {
+                state.keys.count_refusal();
+                return Err(ApiError::Unauthorized);
             }
+            None => match keys::find_active(&state.db, &hash).await? {
+                Some(key) => {
+                    state.keys.put(hash, Lookup::Known(key.clone()));
+                    key
+                }
+                None => {
+                    state.keys.put(hash, Lookup::Unknown);
+                    state.keys.count_refusal();
+                    return Err(ApiError::Unauthorized);
+                }
+            },
         };
         Ok(Self {
             id: key.tenant_id,
@@ -65,23 +76,64 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Cached keys at most; the cache is emptied when it is full.
 const KEY_CACHE_CAPACITY: usize = 10_000;
 
-type CachedKeys = HashMap<[u8; 32], (keys::ActiveKey, Instant)>;
+/// How often refused credentials are summed up in the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Recent successful key lookups by key hash, so a request costs no query
-/// for authentication.
+/// What a lookup of a key hash found.
+#[derive(Debug, Clone)]
+enum Lookup {
+    /// An active key.
+    Known(keys::ActiveKey),
+    /// No active key has this hash: answered 401 without a query while
+    /// cached (a flood of one bad key costs the database nothing). Keys are
+    /// 256 random bits, so no key created later can have been looked up
+    /// before it existed.
+    Unknown,
+}
+
+type CachedKeys = HashMap<[u8; 32], (Lookup, Instant)>;
+
+/// Recent key lookups by key hash, found or not, so a request costs no
+/// query for authentication; and a tally of refused credentials.
 #[derive(Clone, Default)]
 pub struct KeyCache {
     keys: Arc<Mutex<CachedKeys>>,
+    refusals: Arc<Mutex<RefusalTally>>,
+}
+
+/// Refused credentials since the last log line.
+#[derive(Default)]
+struct RefusalTally {
+    count: u64,
+    since: Option<Instant>,
 }
 
 impl KeyCache {
-    fn get(&self, hash: &[u8; 32]) -> Option<keys::ActiveKey> {
+    fn get(&self, hash: &[u8; 32]) -> Option<Lookup> {
         let keys = self.lock();
         let (key, at) = keys.get(hash)?;
         (at.elapsed() < KEY_CACHE_TTL).then(|| key.clone())
     }
 
-    fn put(&self, hash: [u8; 32], key: keys::ActiveKey) {
+    /// Counts a 401; the audit log gets one line per [`REFUSAL_LOG_EVERY`]
+    /// with the count, not one per request (never the key itself).
+    fn count_refusal(&self) {
+        let mut tally = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        tally.count += 1;
+        let since = *tally.since.get_or_insert_with(Instant::now);
+        if tally.count == 1 {
+            tracing::info!("request refused: missing, unknown or revoked api key");
+        } else if since.elapsed() >= REFUSAL_LOG_EVERY {
+            tracing::info!(
+                refused = tally.count,
+                over_secs = since.elapsed().as_secs(),
+                "requests refused with missing, unknown or revoked api keys"
+            );
+            *tally = RefusalTally::default();
+        }
+    }
+
+    fn put(&self, hash: [u8; 32], key: Lookup) {
         let mut keys = self.lock();
         if keys.len() >= KEY_CACHE_CAPACITY {
             keys.clear();

@@ -7,6 +7,9 @@ use serde_json::json;
 
 /// Seconds a client is asked to wait after a 503.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
+/// Seconds a client is asked to wait when the process sheds load: a request
+/// slot frees up as soon as any in-flight request ends.
+const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +32,14 @@ pub enum ApiError {
     /// 409: the request conflicts with the resource's state.
     #[error("{0}")]
     Conflict(&'static str),
-    /// 413: the body is over the limit.
+    /// 413: the body is over the limit. The connection is closed after the
+    /// answer, since the rest of the body may never be read.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 400: the body did not arrive within `CHATQ_BODY_READ_TIMEOUT_SECS`
+    /// (seconds); the connection is closed after the answer.
+    #[error("request body not received within {0} s")]
+    BodyTimeout(u64),
     /// 415: the body is not JSON.
     #[error("request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
@@ -50,6 +58,21 @@ pub enum ApiError {
     /// 503: the database or broker cannot take the request now.
     #[error("{0} is unavailable, retry later")]
     Unavailable(&'static str),
+    /// 503: the broker is unreachable and the jobs waiting to be published
+    /// reached their bound; nothing was stored.
+    #[error("the broker is unavailable and the backlog waiting for it is full, retry later")]
+    OutboxFull {
+        /// Seconds the client should wait.
+        retry_after_secs: u64,
+    },
+    /// 503: `CHATQ_MAX_IN_FLIGHT_REQUESTS` requests are being handled; this
+    /// one is refused at once rather than queued.
+    #[error("the server is at capacity, retry later")]
+    Overloaded,
+    /// 503: the request was not handled within `CHATQ_REQUEST_TIMEOUT_SECS`
+    /// (seconds).
+    #[error("the request was not handled within {0} s, retry later")]
+    TimedOut(u64),
     /// 500: a bug or an unexpected failure; logged, never shown.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -70,7 +93,7 @@ impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest(_) | Self::BodyTimeout(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -78,7 +101,10 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_)
+            | Self::OutboxFull { .. }
+            | Self::Overloaded
+            | Self::TimedOut(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,7 +112,7 @@ impl ApiError {
     /// The machine-readable code of this error.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidRequest(_) | Self::BodyTimeout(_) => "invalid_request",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -96,19 +122,29 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RateLimited { .. } => "rate_limited",
             Self::QueueFull { .. } => "queue_full",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_)
+            | Self::OutboxFull { .. }
+            | Self::Overloaded
+            | Self::TimedOut(_) => "unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
 
     fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after_secs } | Self::QueueFull { retry_after_secs } => {
-                Some(*retry_after_secs)
-            }
-            Self::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            Self::RateLimited { retry_after_secs }
+            | Self::QueueFull { retry_after_secs }
+            | Self::OutboxFull { retry_after_secs } => Some(*retry_after_secs),
+            Self::Unavailable(_) | Self::TimedOut(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            Self::Overloaded => Some(OVERLOADED_RETRY_AFTER_SECS),
             _ => None,
         }
+    }
+
+    /// Whether the connection must close after this answer: the request
+    /// body was left unread, and reading it could take forever.
+    fn closes_connection(&self) -> bool {
+        matches!(self, Self::PayloadTooLarge(_) | Self::BodyTimeout(_))
     }
 
     /// A 400 naming what was wrong.
@@ -133,6 +169,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.closes_connection() {
+            // hyper then closes the connection after this response instead
+            // of waiting for the rest of the body.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

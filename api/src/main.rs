@@ -47,7 +47,7 @@ async fn try_main() -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let grace = config.shutdown_grace;
-    let listener = tokio::net::TcpListener::bind(&config.addr)
+    let listener = bind(&config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr().context("reading the bound address")?;
@@ -69,6 +69,27 @@ async fn try_main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections the kernel may hold waiting for `accept` (tokio's default,
+/// 128, overflows in bursts of new clients, which then stall 1–3 s in SYN
+/// retries).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listen address with a deep accept backlog.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How long start-up waits for PostgreSQL to come up before giving up.

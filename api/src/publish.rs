@@ -4,6 +4,8 @@
 //! worker's claim makes harmless.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -25,6 +27,8 @@ const MARK_DELAY: Duration = Duration::from_secs(1);
 pub struct JobPublisher {
     publisher: Publisher,
     confirmed: mpsc::UnboundedSender<(Uuid, Instant)>,
+    /// Whether this process's last publish failed to reach the broker.
+    failing: Arc<AtomicBool>,
 }
 
 impl JobPublisher {
@@ -35,14 +39,30 @@ impl JobPublisher {
         Self {
             publisher,
             confirmed: tx,
+            failing: Arc::default(),
         }
     }
 
     /// Publishes the job and waits for the broker's confirm.
     pub async fn publish(&self, job_id: Uuid) -> Result<(), QueueError> {
-        self.publisher.publish_job(job_id).await?;
+        let published = self.publisher.publish_job(job_id).await;
+        // A refusal (queue full) is an answer: the broker is there.
+        self.failing.store(
+            matches!(
+                published,
+                Err(QueueError::Unavailable(_) | QueueError::Amqp(_))
+            ),
+            Ordering::Relaxed,
+        );
+        published?;
         let _ = self.confirmed.send((job_id, Instant::now()));
         Ok(())
+    }
+
+    /// Whether the last publish of this process could not reach the broker
+    /// (so submissions pile up in the outbox until it is back).
+    pub fn broker_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// The underlying broker publisher.

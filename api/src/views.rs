@@ -39,7 +39,8 @@ struct JobResultView {
 struct UsageView {
     prompt_tokens: i32,
     completion_tokens: i32,
-    total_tokens: i32,
+    /// Wider than its parts: two counts near `i32::MAX` must not wrap.
+    total_tokens: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,7 +61,7 @@ impl From<Job> for JobView {
                 usage: UsageView {
                     prompt_tokens,
                     completion_tokens,
-                    total_tokens: prompt_tokens + completion_tokens,
+                    total_tokens: i64::from(prompt_tokens) + i64::from(completion_tokens),
                 },
             }
         });
@@ -136,16 +137,18 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
-    /// A page from rows fetched with `limit + 1`: the extra row only says
-    /// that there is a next page.
+    /// A page from rows fetched with `limit + 1` (the extra row only says
+    /// that there is a next page) and cut to the page size budget.
     pub fn from_rows<R>(
-        mut rows: Vec<R>,
+        cut: chatq_common::db::Cut<R>,
         limit: i64,
         id: impl Fn(&R) -> Uuid,
         view: impl Fn(R) -> T,
     ) -> Self {
+        let mut rows = cut.rows;
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        let more = rows.len() > limit;
+        // Rows left out for size also mean a next page.
+        let more = rows.len() > limit || cut.truncated;
         rows.truncate(limit);
         let next_after = if more { rows.last().map(&id) } else { None };
         Self {

@@ -14,6 +14,7 @@ mod load;
 mod report;
 mod report_md;
 mod scenarios;
+mod sse;
 mod svg;
 mod system;
 
@@ -26,7 +27,7 @@ use serde::Serialize;
 
 use ctx::{Ctx, External};
 use report::AllResults;
-use scenarios::{burst, concurrency, overhead, reads, scaling, submit};
+use scenarios::{burst, concurrency, overhead, reads, scaling, stream, submit};
 use system::Infra;
 
 /// chatq load benchmark.
@@ -88,6 +89,8 @@ enum Scenario {
     Reads,
     /// Completions/s with 1, 2, 4 workers.
     Scaling,
+    /// Event streams: time to first token, subscribers held, deltas/s, resume.
+    Stream,
     /// Every scenario, then the report.
     All,
 }
@@ -132,6 +135,7 @@ async fn try_main() -> anyhow::Result<()> {
         Scenario::Concurrency => save(&ctx.out, "concurrency", &concurrency::run(&ctx).await?),
         Scenario::Reads => save(&ctx.out, "reads", &reads::run(&ctx).await?),
         Scenario::Scaling => save(&ctx.out, "scaling", &scaling::run(&ctx).await?),
+        Scenario::Stream => save(&ctx.out, "stream", &stream::run(&ctx).await?),
         Scenario::All => all(&ctx, &cli.report).await,
     }
 }
@@ -199,6 +203,7 @@ async fn all(ctx: &Ctx, report_path: &Path) -> anyhow::Result<()> {
     r.concurrency = step(ctx, &mut r, "concurrency", true, || concurrency::run(ctx)).await;
     r.reads = step(ctx, &mut r, "reads", false, || reads::run(ctx)).await;
     r.scaling = step(ctx, &mut r, "scaling", true, || scaling::run(ctx)).await;
+    r.stream = step(ctx, &mut r, "stream", true, || stream::run(ctx)).await;
     r.total_s = start.elapsed().as_secs_f64();
     save(&ctx.out, "results", &r)?;
     report::write(&r, report_path)?;

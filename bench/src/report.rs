@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::scenarios::{burst, concurrency, overhead, reads, scaling, submit};
+use crate::scenarios::{burst, concurrency, overhead, reads, scaling, stream, submit};
 use crate::svg::{self, Panel};
 
 /// The machine the run happened on.
@@ -51,6 +51,8 @@ pub struct AllResults {
     pub reads: Option<reads::ReadsResult>,
     /// Scenario 6.
     pub scaling: Option<scaling::ScalingResult>,
+    /// Scenario 7.
+    pub stream: Option<stream::StreamResult>,
     /// Scenarios not run, with why.
     pub skipped: Vec<String>,
     /// Scenarios that failed, with the error.
@@ -190,7 +192,37 @@ pub fn targets(r: &AllResults) -> Vec<Target> {
         },
         None => missing("one worker ≥ 1,500 completions/s at concurrency 2,000, RSS < 150 MB"),
     });
+    stream_targets(r, &mut t);
     t
+}
+
+/// The event-stream targets: TTFT overhead at light load, subscribers held.
+fn stream_targets(r: &AllResults, t: &mut Vec<Target>) {
+    let ttft_what = "time to first token through chatq minus the mock's, p50 < 10 ms at light load";
+    let light = r.stream.as_ref().and_then(|s| s.ttft.first());
+    t.push(match light {
+        Some(l) => Target {
+            what: ttft_what.into(),
+            measured: format!(
+                "{} client(s): chatq {:.1} ms − mock {:.1} ms = {:.1} ms (p99 {:.1} ms)",
+                l.clients, l.chatq.p50_ms, l.mock.p50_ms, l.overhead_p50_ms, l.overhead_p99_ms
+            ),
+            met: Some(l.overhead_p50_ms < 10.0 && l.chatq.count > 0),
+        },
+        None => missing(ttft_what),
+    });
+    let held_what = "one api holds 10,000 event-stream subscribers, each gets `done`";
+    t.push(match r.stream.as_ref().map(|s| &s.held) {
+        Some(h) => Target {
+            what: held_what.into(),
+            measured: format!(
+                "{} of {} held, {} got `done`; api RSS {:.0} → {:.0} MB",
+                h.held, h.subscribers, h.done, h.rss_before_mb, h.rss_holding_mb
+            ),
+            met: Some(h.held >= 10_000 && h.done == h.held),
+        },
+        None => missing(held_what),
+    });
 }
 
 fn missing(what: &str) -> Target {

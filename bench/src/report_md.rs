@@ -70,6 +70,7 @@ pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
     concurrency(&mut s, r);
     reads(&mut s, r);
     scaling(&mut s, r);
+    stream(&mut s, r);
     s
 }
 
@@ -196,4 +197,91 @@ fn scaling(s: &mut String, r: &AllResults) {
     );
     x.table().markdown(s);
     s.push_str("Scaling is near-linear while the ideal rate is below what the 2 CPUs can commit; past that, extra worker processes only share the same CPUs and the same PostgreSQL.\n");
+}
+
+fn stream(s: &mut String, r: &AllResults) {
+    use crate::scenarios::stream::{WORKER_COALESCE_MS, fanout, resume, ttft};
+    s.push_str("\n## 7. stream — event streams (`GET /v1/jobs/{id}/events`) through one api\n\n");
+    let Some(x) = &r.stream else {
+        s.push_str("Not run (starts its own system).\n\n");
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "One api process (`CHATQ_MAX_CONNECTIONS={}`: the default 10,000 leaves no room for \
+         the bench's own requests beside 10,000 streams), {} workers at concurrency {} each, \
+         the mock answering at once (`CHATQ_MOCK_LATENCY_MS` 0) and pacing its words with \
+         `[mock:chunk_delay_ms=N]`. The bench, the api, the workers, the mock, PostgreSQL and \
+         RabbitMQ share the machine's CPUs, so every figure includes the cost of the others.\n",
+        x.api_max_connections, x.workers, x.worker_concurrency
+    );
+    s.push_str("### Time to first token\n\n");
+    let _ = writeln!(
+        s,
+        "Each client runs one job at a time: `POST /v1/chat` (a {} -word reply, {} ms before \
+         each word), open the event stream as soon as the 202 arrives, stop the clock at the \
+         first `delta` event, read on to `done`; then call the mock directly with the same \
+         prompt and `stream: true` and stop that clock at the first chunk carrying content. \
+         **chatq TTFT** = submit sent → first delta; **mock TTFT** = request sent → first \
+         content chunk; **overhead** = chatq − mock, per percentile (two distributions \
+         measured side by side, not per-job differences). The split: submit→202 (the \
+         submission's commit and publish confirm), queue+claim = the job's `started_at − \
+         created_at` (PostgreSQL's clock: broker delivery and the worker's claim), and claim → \
+         first delta (prompt, the mock's own TTFT, the worker's publish to the events \
+         exchange, the api's fan-out and the SSE write; host clock vs PostgreSQL's `now()`, \
+         the same clock).\n",
+        ttft::WORDS,
+        ttft::CHUNK_DELAY_MS
+    );
+    x.ttft_table().markdown(s);
+    s.push_str("### Subscribers held by one api\n\n");
+    let h = &x.held;
+    let _ = writeln!(
+        s,
+        "The queue is paused, {} jobs are submitted, and {} streams are opened on them ({} \
+         per job, at most {} opening at once); a stream counts as held once its first event \
+         (the `queued` status) arrived. The api's VmRSS is read before the first stream and \
+         one second after the last one opened (idle, no text yet), its open descriptors then \
+         too. The queue is then resumed: every job streams {} words, {} ms apart, to its \
+         subscribers, the api's VmRSS is sampled every 100 ms (streaming max), and every \
+         stream is read to `done`. The bench process holds one socket per stream; its open-file \
+         limit (20,000) is why the run stops at 10,000 rather than probing for the api's limit.\n",
+        h.jobs,
+        h.subscribers,
+        h.subscribers / h.jobs.max(1),
+        fanout::OPEN_CONCURRENCY,
+        h.words,
+        h.chunk_delay_ms
+    );
+    x.held_table().markdown(s);
+    s.push_str("### Delta events/s through one api\n\n");
+    let _ = writeln!(
+        s,
+        "Same procedure, with replies of many words {} ms apart. deltas/s = delta events \
+         received by all subscribers per second, between the 10th and 90th percentile of \
+         arrival times. The worker publishes a job's text at most once per {} ms (several \
+         words per event), so one subscriber gets at most {:.0} deltas/s: the ceiling is \
+         subscribers × min(words/s, {:.0}). api CPU % is its user+system time over resume → \
+         last `done`, per core; µs/delta is that time divided by the deltas delivered.\n",
+        x.rate.first().map_or(0, |r| r.chunk_delay_ms),
+        WORKER_COALESCE_MS,
+        1000.0 / WORKER_COALESCE_MS as f64,
+        1000.0 / WORKER_COALESCE_MS as f64
+    );
+    x.rate_table().markdown(s);
+    s.push_str("### Resume with `Last-Event-ID`\n\n");
+    let _ = writeln!(
+        s,
+        "{} clients each follow a job ({} words, {} ms apart); after every {} deltas a client \
+         drops its connection and at once reconnects with `Last-Event-ID` set to the last id \
+         it received. One sample = reconnect sent → the first `delta` on the new stream, the \
+         first event carrying text it missed. Reconnects after which the job had no more text \
+         (`done` came first) give no sample. Exact text = the text assembled across every \
+         reconnect equals the job's result.\n",
+        x.resume.clients,
+        resume::WORDS,
+        resume::CHUNK_DELAY_MS,
+        resume::DELTAS_BETWEEN_CUTS
+    );
+    x.resume_table().markdown(s);
 }

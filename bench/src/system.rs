@@ -37,6 +37,8 @@ pub struct SystemOptions {
     pub mock_latency_ms: u64,
     /// `CHATQ_MAX_QUEUE_LENGTH`.
     pub max_queue_length: u64,
+    /// Extra environment of the api process (e.g. `CHATQ_MAX_CONNECTIONS`).
+    pub api_env: Vec<(String, String)>,
 }
 
 impl Default for SystemOptions {
@@ -47,6 +49,7 @@ impl Default for SystemOptions {
             worker_db_connections: None,
             mock_latency_ms: 0,
             max_queue_length: 1_000_000,
+            api_env: Vec::new(),
         }
     }
 }
@@ -149,6 +152,10 @@ pub struct System {
     pub mock_url: String,
     /// An API key of tenant `bench`.
     pub key: String,
+    /// Process id of the api.
+    pub api_pid: Option<u32>,
+    /// Process id of the mock LLM.
+    pub mock_pid: Option<u32>,
     children: Vec<Child>,
     workers: Vec<Child>,
     worker_env: Vec<(String, String)>,
@@ -184,6 +191,8 @@ impl System {
             api_url: String::new(),
             mock_url: String::new(),
             key: String::new(),
+            api_pid: None,
+            mock_pid: None,
             children: vec![],
             workers: vec![],
             worker_env: vec![],
@@ -210,6 +219,7 @@ impl System {
         let mut mock = command("chatq-mock-llm", &mock_env)?
             .spawn()
             .context("starting chatq-mock-llm")?;
+        self.mock_pid = mock.id();
         let mock_url = chatq_tests::read_listen_line(&mut mock, "chatq-mock-llm").await;
         self.children.push(mock);
         self.mock_url = mock_url?;
@@ -227,9 +237,11 @@ impl System {
         api_env.push(("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()));
         api_env.push(("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
         api_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        api_env.extend(opts.api_env.iter().cloned());
         let mut api = command("chatq-api", &api_env)?
             .spawn()
             .context("starting chatq-api")?;
+        self.api_pid = api.id();
         let api_url = chatq_tests::read_listen_line(&mut api, "chatq-api").await;
         self.children.push(api);
         self.api_url = api_url?;
@@ -278,6 +290,21 @@ impl System {
             .await?;
         if !r.status().is_success() {
             bail!("setting the mock latency answered {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Pauses (`true`) or resumes the work queue through the admin api:
+    /// once paused, no job is claimed until resumed.
+    pub async fn set_paused(&self, http: &reqwest::Client, paused: bool) -> anyhow::Result<()> {
+        let action = if paused { "pause" } else { "resume" };
+        let r = http
+            .post(format!("{}/admin/v1/queues/{action}", self.api_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("{action} answered {}", r.status());
         }
         Ok(())
     }
@@ -376,8 +403,37 @@ pub async fn create_key(
 
 /// Peak resident set size (VmHWM) of a process, in bytes.
 pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Current resident set size (VmRSS) of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    proc_status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system) a process has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// Open file descriptors of a process.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }

@@ -85,6 +85,10 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job became terminal.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Text the running attempt has streamed so far, as last saved.
+    pub partial_content: Option<String>,
+    /// The attempt `partial_content` belongs to.
+    pub partial_attempt: Option<i32>,
 }
 
 /// A conversation row.
@@ -143,4 +147,18 @@ impl QueueMessage {
 /// A new uuid v7 (time ordered, index friendly).
 pub fn new_id() -> Uuid {
     Uuid::now_v7()
+}
+
+/// A piece of streamed reply text, published by the worker on the events
+/// exchange (routing key: the job id) and fanned out by each api process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaEvent {
+    /// The job.
+    pub job_id: Uuid,
+    /// The attempt that produced the text.
+    pub attempt: i32,
+    /// Characters (Unicode scalar values) of this attempt's text before it.
+    pub offset: u64,
+    /// The text.
+    pub content: String,
 }

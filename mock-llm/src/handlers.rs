@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use crate::{
     MockState,
     config::MockConfigPatch,
-    faults::{Outcome, choose, parse_directives},
+    faults::{Outcome, StreamEnding, choose, parse_directives, stream_ending},
     reply::{ChatRequest, Reply, completion_body, error_response, invalid_request},
-    stream::{oversize_response, sse_response},
+    stream::{StreamPlan, oversize_response, sse_response},
 };
 
 /// Where the redirect fault points (nothing listens there).
@@ -80,17 +80,45 @@ pub(crate) async fn chat_completions(State(state): State<MockState>, body: Bytes
             [(header::LOCATION, REDIRECT_LOCATION)],
         )
             .into_response(),
+        Outcome::HostileReply => {
+            let mut body = completion_body(req.model(), &Reply::build(&req, None, false));
+            body["choices"][0]["message"]["content"] = json!("before\u{0}after \u{0}");
+            body["usage"] = json!({"prompt_tokens": 99_999_999_999_u64, "completion_tokens": -7});
+            Json(body).into_response()
+        }
+        Outcome::NulError => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            "mock: broken \u{0} error at http://10.1.2.3:8443/internal",
+        ),
+        Outcome::RawNulError => (
+            StatusCode::BAD_GATEWAY,
+            [(header::CONTENT_TYPE, "text/plain")],
+            &b"upstream \0\0 failed"[..],
+        )
+            .into_response(),
+        Outcome::HugeError => error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "x".repeat(7 * 1024 * 1024),
+        ),
         Outcome::Success => {
-            let reply = Reply::build(&req);
-            if req.is_stream() {
-                sse_response(
-                    req.model(),
-                    &reply,
-                    req.include_usage(),
-                    config.chunk_delay_ms,
-                    guard,
-                )
+            if req.is_stream() && !directives.plain {
+                let ending = stream_ending(&directives, count);
+                let failing = !matches!(ending, StreamEnding::Complete { .. });
+                let reply = Reply::build(&req, directives.words, failing);
+                let plan = StreamPlan {
+                    include_usage: req.include_usage(),
+                    chunk_delay: Duration::from_millis(
+                        directives.chunk_delay_ms.unwrap_or(config.chunk_delay_ms),
+                    ),
+                    ending,
+                };
+                sse_response(req.model(), &reply, plan, guard)
             } else {
+                let reply = Reply::build(&req, directives.words, false);
                 Json(completion_body(req.model(), &reply)).into_response()
             }
         }

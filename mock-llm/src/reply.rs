@@ -14,6 +14,28 @@ use sha2::{Digest, Sha256};
 /// Model echoed back when the request does not name one.
 const DEFAULT_MODEL: &str = "gpt-4o-mini";
 
+/// Vocabulary of `[mock:words=N]` replies: mostly ASCII, with multi-byte
+/// words (2, 3 and 4 bytes per character) so that streaming clients that
+/// split or re-join text on byte boundaries are caught.
+const VOCABULARY: [&str; 13] = [
+    "alpha",
+    "héllo",
+    "bravo",
+    "世界",
+    "charlie",
+    "🌍",
+    "delta",
+    "naïve",
+    "echo",
+    "Ωmega",
+    "foxtrot",
+    "日本語",
+    "golf",
+];
+/// A `[mock:words=N]` reply breaks its line after this many words, so the
+/// text also carries newlines.
+const WORDS_PER_LINE: usize = 12;
+
 /// The fields of an OpenAI chat completion request that the mock uses.
 #[derive(Debug, Deserialize)]
 pub(crate) struct ChatRequest {
@@ -102,9 +124,18 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    /// Builds the deterministic reply for `req`.
-    pub(crate) fn build(req: &ChatRequest) -> Self {
+    /// Builds the deterministic reply for `req`: the default sentence, or
+    /// `words` generated words when given.
+    ///
+    /// A call that will fail mid-stream (`failing_call`) gets a different
+    /// text than the calls that succeed, as a real model's retry would: a
+    /// client that keeps a failed attempt's text instead of starting over
+    /// ends with the wrong text, even if it only kept its length.
+    pub(crate) fn build(req: &ChatRequest, words: Option<usize>, failing_call: bool) -> Self {
         let mut hasher = Sha256::new();
+        if failing_call {
+            hasher.update(b"failing call");
+        }
         let mut total_chars: u64 = 0;
         for m in &req.messages {
             let text = m.text();
@@ -115,12 +146,15 @@ impl Reply {
         let digest = hex::encode(hasher.finalize());
         let last_user = req.last_user_text();
         let snippet: String = last_user.chars().take(60).collect();
-        let full = format!(
-            "mock reply {} to \"{}\" after {} messages",
-            &digest[..8],
-            snippet,
-            req.messages.len()
-        );
+        let full = match words {
+            Some(n) => generated_words(n, &digest),
+            None => format!(
+                "mock reply {} to \"{}\" after {} messages",
+                &digest[..8],
+                snippet,
+                req.messages.len()
+            ),
+        };
         let pieces = split_pieces(&full);
         let limit = req.max_tokens.or(req.max_completion_tokens);
         let (content, finish_reason) = match limit {
@@ -147,6 +181,26 @@ impl Reply {
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         })
     }
+}
+
+/// `n` words from [`VOCABULARY`], separated by spaces and a newline after
+/// every [`WORDS_PER_LINE`]th word. The order of the words depends on
+/// `digest` (so different prompts get different texts); every word carries
+/// its position, so a lost or repeated piece shows in a diff.
+pub(crate) fn generated_words(n: usize, digest: &str) -> String {
+    let seed = usize::from_str_radix(&digest[..digest.len().min(4)], 16).unwrap_or(0);
+    // The vocabulary's length is prime, so every stride visits every word.
+    let len = VOCABULARY.len();
+    let (offset, stride) = (seed % len, 1 + (seed / len) % (len - 1));
+    let mut out = String::new();
+    for i in 0..n {
+        if i > 0 {
+            out.push(if i % WORDS_PER_LINE == 0 { '\n' } else { ' ' });
+        }
+        out.push_str(VOCABULARY[(offset + i * stride) % len]);
+        out.push_str(&i.to_string());
+    }
+    out
 }
 
 /// Splits `s` into words each followed by its trailing whitespace, so that the
@@ -237,5 +291,25 @@ mod tests {
         assert_eq!(p, vec!["a  ", "b\n", "c ", "d"]);
         assert_eq!(p.concat(), s);
         assert!(split_pieces("").is_empty());
+    }
+
+    #[test]
+    fn generated_words_are_deterministic_numbered_and_multi_byte() {
+        let text = generated_words(40, "00ff");
+        assert_eq!(text, generated_words(40, "00ff"));
+        assert_ne!(text, generated_words(40, "0100"));
+        assert_eq!(split_pieces(&text).len(), 40);
+        assert_eq!(split_pieces(&text).concat(), text);
+        assert_eq!(text.lines().count(), 4);
+        for word in ["héllo", "世界", "🌍"] {
+            assert!(text.contains(word), "{word} missing in {text}");
+        }
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert!(words[0].ends_with('0') && words[39].ends_with("39"));
+        assert!(generated_words(0, "00ff").is_empty());
+        assert_eq!(
+            generated_words(5_000, "abcd").split_whitespace().count(),
+            5_000
+        );
     }
 }

@@ -17,6 +17,8 @@ pub(crate) const MAX_RECORDED_REQUESTS: usize = 2_000;
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     in_flight: AtomicU64,
+    /// Streamed replies whose body was dropped before its last event.
+    disconnected: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -34,6 +36,41 @@ pub(crate) struct InFlightGuard(Arc<Stats>);
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Held by a streamed body: keeps the call in flight and, if the body is
+/// dropped before [`StreamGuard::finish`] (the client went away, e.g. a
+/// worker abandoning a cancelled call), counts the stream as disconnected.
+#[derive(Debug)]
+pub(crate) struct StreamGuard {
+    in_flight: InFlightGuard,
+    finished: bool,
+}
+
+impl StreamGuard {
+    /// Wraps the call's in-flight guard.
+    pub(crate) fn new(in_flight: InFlightGuard) -> Self {
+        Self {
+            in_flight,
+            finished: false,
+        }
+    }
+
+    /// Marks the stream as having produced its last event.
+    pub(crate) fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.in_flight
+                .0
+                .disconnected
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -69,12 +106,13 @@ impl Stats {
         }
     }
 
-    /// `{"total", "in_flight", "by_prompt"}`.
+    /// `{"total", "in_flight", "disconnected", "by_prompt"}`.
     pub(crate) fn snapshot(&self) -> Value {
         let inner = self.lock();
         json!({
             "total": inner.total,
             "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "disconnected": self.disconnected.load(Ordering::Relaxed),
             "by_prompt": inner.by_prompt,
         })
     }
@@ -88,6 +126,7 @@ impl Stats {
     /// Zeroes the counters and forgets recorded requests (in-flight stays live).
     pub(crate) fn reset(&self) {
         let mut inner = self.lock();
+        self.disconnected.store(0, Ordering::Relaxed);
         inner.total = 0;
         inner.by_prompt.clear();
         inner.requests.clear();
@@ -117,5 +156,21 @@ mod tests {
         assert_eq!(stats.snapshot()["in_flight"], 1);
         drop(g);
         assert_eq!(stats.snapshot()["in_flight"], 0);
+    }
+
+    #[test]
+    fn stream_guard_counts_only_unfinished_streams() {
+        let stats = Arc::new(Stats::default());
+        let mut finished = StreamGuard::new(stats.enter());
+        finished.finish();
+        drop(finished);
+        assert_eq!(stats.snapshot()["disconnected"], 0);
+        let abandoned = StreamGuard::new(stats.enter());
+        assert_eq!(stats.snapshot()["in_flight"], 1);
+        drop(abandoned);
+        assert_eq!(stats.snapshot()["disconnected"], 1);
+        assert_eq!(stats.snapshot()["in_flight"], 0);
+        stats.reset();
+        assert_eq!(stats.snapshot()["disconnected"], 0);
     }
 }

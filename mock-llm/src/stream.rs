@@ -1,6 +1,6 @@
 //! Streamed bodies: server-sent events for `stream: true` and the oversize fault.
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, io, time::Duration};
 
 use axum::{
     body::Body,
@@ -12,8 +12,9 @@ use futures_util::{StreamExt, stream};
 use serde_json::{Value, json};
 
 use crate::{
+    faults::StreamEnding,
     reply::{Reply, completion_id, split_pieces, unix_now},
-    stats::InFlightGuard,
+    stats::{InFlightGuard, StreamGuard},
 };
 
 /// Size of the oversize body (50 MiB), not counting its short prefix.
@@ -56,21 +57,68 @@ fn chunk(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>
     })
 }
 
-/// Builds the events of a streamed reply; the flag says whether to sleep before it.
-fn events(model: &str, reply: &Reply, include_usage: bool) -> Vec<(Bytes, bool)> {
+/// One step of a streamed reply.
+enum Step {
+    /// Send these bytes; sleep the chunk delay first if the flag is set.
+    Send(Bytes, bool),
+    /// Fail the body so the connection is aborted mid-stream.
+    Abort,
+}
+
+/// How a streamed reply is paced and ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamPlan {
+    /// Whether a final usage chunk was requested.
+    pub(crate) include_usage: bool,
+    /// Delay before each content chunk.
+    pub(crate) chunk_delay: Duration,
+    /// How the stream ends.
+    pub(crate) ending: StreamEnding,
+}
+
+/// Pause before a planned abort, so the chunks sent before it are flushed.
+const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(50);
+
+/// The error event of a stream that fails mid-way, as OpenAI sends it.
+const MID_STREAM_ERROR: &[u8] =
+    b"data: {\"error\":{\"message\":\"mock: failed mid-stream\",\"type\":\"server_error\"}}\n\n";
+
+/// Builds the steps of a streamed reply.
+fn steps(model: &str, reply: &Reply, plan: &StreamPlan) -> Vec<Step> {
     let id = completion_id();
     let created = unix_now();
     let pieces = split_pieces(&reply.content);
     let mut out = Vec::with_capacity(pieces.len() + 4);
     let role = json!({"role": "assistant", "content": ""});
-    out.push((event(&chunk(&id, created, model, role, None)), false));
-    for piece in pieces {
+    out.push(Step::Send(
+        event(&chunk(&id, created, model, role, None)),
+        false,
+    ));
+    let content_chunks = match plan.ending {
+        StreamEnding::ErrorAfter(n) | StreamEnding::DropAfter(n) => n.min(pieces.len()),
+        StreamEnding::Complete { .. } => pieces.len(),
+    };
+    for piece in &pieces[..content_chunks] {
         let delta = json!({ "content": piece });
-        out.push((event(&chunk(&id, created, model, delta, None)), true));
+        out.push(Step::Send(
+            event(&chunk(&id, created, model, delta, None)),
+            true,
+        ));
     }
+    let done = match plan.ending {
+        StreamEnding::ErrorAfter(_) => {
+            out.push(Step::Send(Bytes::from_static(MID_STREAM_ERROR), false));
+            return out;
+        }
+        StreamEnding::DropAfter(_) => {
+            out.push(Step::Abort);
+            return out;
+        }
+        StreamEnding::Complete { done } => done,
+    };
     let finish = chunk(&id, created, model, json!({}), Some(reply.finish_reason));
-    out.push((event(&finish), false));
-    if include_usage {
+    out.push(Step::Send(event(&finish), false));
+    if plan.include_usage {
         let usage = json!({
             "id": id,
             "object": "chat.completion.chunk",
@@ -79,29 +127,49 @@ fn events(model: &str, reply: &Reply, include_usage: bool) -> Vec<(Bytes, bool)>
             "choices": [],
             "usage": reply.usage(),
         });
-        out.push((event(&usage), false));
+        out.push(Step::Send(event(&usage), false));
     }
-    out.push((Bytes::from_static(b"data: [DONE]\n\n"), false));
+    if done {
+        out.push(Step::Send(Bytes::from_static(b"data: [DONE]\n\n"), false));
+    }
     out
 }
 
 /// 200 `text/event-stream` with the reply split into one chunk per word,
-/// sleeping `chunk_delay_ms` before each content chunk.
+/// sleeping the plan's chunk delay before each content chunk and ending as
+/// the plan says. A body dropped before its last step (the client went
+/// away) is counted as disconnected.
 pub(crate) fn sse_response(
     model: &str,
     reply: &Reply,
-    include_usage: bool,
-    chunk_delay_ms: u64,
-    guard: InFlightGuard,
+    plan: StreamPlan,
+    in_flight: InFlightGuard,
 ) -> Response {
-    let delay = Duration::from_millis(chunk_delay_ms);
-    let events = events(model, reply, include_usage).into_iter();
-    let body = stream::unfold((events, guard), move |(mut events, guard)| async move {
-        let (bytes, sleep_before) = events.next()?;
-        if sleep_before && !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+    let delay = plan.chunk_delay;
+    let steps = steps(model, reply, &plan).into_iter();
+    let guard = StreamGuard::new(in_flight);
+    let body = stream::unfold((steps, guard), move |(mut steps, mut guard)| async move {
+        let step = steps.next()?;
+        let item = match step {
+            Step::Send(bytes, sleep_before) => {
+                if sleep_before && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(bytes)
+            }
+            // Planned: the abort is the mock's doing, not a disconnect.
+            Step::Abort => {
+                // hyper writes buffered chunks out only when the body is
+                // pending: pause so the chunks before the abort reach the
+                // client, else it sees no response at all.
+                tokio::time::sleep(ABORT_FLUSH_PAUSE).await;
+                Err(io::Error::other("mock: connection dropped mid-stream"))
+            }
+        };
+        if steps.as_slice().is_empty() {
+            guard.finish();
         }
-        Some((Ok::<Bytes, Infallible>(bytes), (events, guard)))
+        Some((item, (steps, guard)))
     });
     (
         StatusCode::OK,

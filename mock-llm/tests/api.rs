@@ -8,6 +8,7 @@ use axum::{
     http::{Method, Request, StatusCode, header},
 };
 use chatq_mock_llm::{MockConfig, MockState, router};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -188,7 +189,10 @@ async fn stats_count_calls_per_prompt_and_reset() {
     let (status, _, _) = call(&app, Method::POST, "/_mock/reset", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let stats = json_of(&call(&app, Method::GET, "/_mock/stats", None).await.2);
-    assert_eq!(stats, json!({"total": 0, "in_flight": 0, "by_prompt": {}}));
+    assert_eq!(
+        stats,
+        json!({"total": 0, "in_flight": 0, "disconnected": 0, "by_prompt": {}})
+    );
 }
 
 #[tokio::test]
@@ -315,4 +319,251 @@ async fn hang_never_answers_until_released() {
     state.release_hung();
     let status = pending.await.expect("task");
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+fn stream_request(prompt: &str) -> Value {
+    let mut req = request(prompt);
+    req["stream"] = json!(true);
+    req
+}
+
+/// The `data:` payloads of an SSE body, in order (`[DONE]` kept as a string).
+fn sse_data(body: &[u8]) -> Vec<Value> {
+    let text = std::str::from_utf8(body).expect("utf8 stream");
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let data = e.strip_prefix("data: ").expect("data prefix");
+            serde_json::from_str(data).unwrap_or_else(|_| Value::String(data.to_owned()))
+        })
+        .collect()
+}
+
+/// The content pieces of streamed chunks.
+fn content_pieces(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn stats_of(app: &Router) -> Value {
+    json_of(&call(app, Method::GET, "/_mock/stats", None).await.2)
+}
+
+#[tokio::test]
+async fn words_directive_replies_n_words_including_multi_byte_ones() {
+    let (_, app) = app();
+    let prompt = "long one [mock:words=40]";
+    let (status, _, body) = chat(&app, request(prompt)).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = json_of(&body);
+    let content = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    assert_eq!(content.split_whitespace().count(), 40, "{content}");
+    assert_eq!(body["usage"]["completion_tokens"], 40);
+    for word in ["héllo", "世界", "🌍"] {
+        assert!(content.contains(word), "{word} missing in {content}");
+    }
+
+    let (_, headers, stream) = chat(&app, stream_request(prompt)).await;
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let events = sse_data(&stream);
+    let pieces = content_pieces(&events);
+    assert_eq!(pieces.len(), 40, "one chunk per word");
+    assert_eq!(pieces.concat(), content, "same text streamed and plain");
+
+    // Over the limit: ignored, the default reply.
+    let (_, _, body) = chat(&app, request("[mock:words=5001]")).await;
+    let content = json_of(&body)["choices"][0]["message"]["content"].clone();
+    assert!(
+        content
+            .as_str()
+            .expect("content")
+            .starts_with("mock reply "),
+        "{content}"
+    );
+}
+
+#[tokio::test]
+async fn chunk_delay_directive_overrides_the_configured_delay() {
+    let (state, app) = app();
+    let start = Instant::now();
+    let (_, _, body) = chat(
+        &app,
+        stream_request("[mock:words=5] [mock:chunk_delay_ms=60]"),
+    )
+    .await;
+    assert_eq!(content_pieces(&sse_data(&body)).len(), 5);
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "5 chunks × 60 ms, took {:?}",
+        start.elapsed()
+    );
+
+    // A configured delay of a minute per chunk is overridden to none.
+    state
+        .set_config(MockConfig {
+            chunk_delay_ms: 60_000,
+            ..MockConfig::default()
+        })
+        .expect("valid config");
+    let fast = tokio::time::timeout(
+        Duration::from_secs(30),
+        chat(
+            &app,
+            stream_request("[mock:words=5] [mock:chunk_delay_ms=0]"),
+        ),
+    )
+    .await
+    .expect("no configured delay applied");
+    assert_eq!(content_pieces(&sse_data(&fast.2)).len(), 5);
+}
+
+#[tokio::test]
+async fn cut_after_fails_the_first_stream_mid_way_then_succeeds() {
+    let (_, app) = app();
+    let prompt = "[mock:words=20] [mock:cut_after=5]";
+    let (status, _, first) = chat(&app, stream_request(prompt)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_data(&first);
+    assert_eq!(content_pieces(&events).len(), 5);
+    assert_eq!(
+        events.last(),
+        Some(&json!({"error": {"message": "mock: failed mid-stream", "type": "server_error"}}))
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["choices"][0]["finish_reason"].is_null() && *e != json!("[DONE]")),
+        "no finish and no [DONE] after the error: {events:?}"
+    );
+
+    let (_, _, second) = chat(&app, stream_request(prompt)).await;
+    let events = sse_data(&second);
+    let pieces = content_pieces(&events);
+    assert_eq!(pieces.len(), 20);
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    // The failed call's text differs from the retry's, as a real model's
+    // would: a client must start over, not continue.
+    let first_pieces = content_pieces(&sse_data(&first));
+    assert_ne!(pieces[..5], first_pieces[..]);
+    let (_, _, third) = chat(&app, stream_request(prompt)).await;
+    assert_eq!(content_pieces(&sse_data(&third)), pieces, "successes agree");
+    assert_eq!(stats_of(&app).await["by_prompt"][prompt], 3);
+}
+
+#[tokio::test]
+async fn drop_after_aborts_the_first_stream_then_succeeds() {
+    let (_, app) = app();
+    let prompt = "[mock:words=20] [mock:drop_after=3]";
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/chat/completions")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(stream_request(prompt).to_string()))
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut frames = resp.into_body().into_data_stream();
+    let mut received = Vec::new();
+    let mut failed = false;
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(bytes) => received.extend_from_slice(&bytes),
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the body ends with an error, not a clean end");
+    let events = sse_data(&received);
+    assert_eq!(content_pieces(&events).len(), 3);
+    assert!(!events.contains(&json!("[DONE]")));
+
+    let (_, _, second) = chat(&app, stream_request(prompt)).await;
+    let events = sse_data(&second);
+    assert_eq!(content_pieces(&events).len(), 20);
+    assert_ne!(
+        content_pieces(&events)[..3],
+        content_pieces(&sse_data(&received))[..]
+    );
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    // A planned abort is not a client disconnect.
+    assert_eq!(stats_of(&app).await["disconnected"], 0);
+}
+
+#[tokio::test]
+async fn no_done_streams_the_finish_chunk_without_done() {
+    let (_, app) = app();
+    let mut req = stream_request("[mock:words=8] [mock:no_done]");
+    req["stream_options"] = json!({"include_usage": true});
+    let (status, _, body) = chat(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = sse_data(&body);
+    assert_eq!(content_pieces(&events).len(), 8);
+    assert!(!events.contains(&json!("[DONE]")), "{events:?}");
+    let finish = &events[events.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    assert_eq!(events[events.len() - 1]["usage"]["completion_tokens"], 8);
+    // Every call, not only the first.
+    let (_, _, again) = chat(&app, stream_request("[mock:words=8] [mock:no_done]")).await;
+    assert!(!sse_data(&again).contains(&json!("[DONE]")));
+}
+
+#[tokio::test]
+async fn plain_answers_one_json_completion_even_when_asked_to_stream() {
+    let (_, app) = app();
+    let (status, headers, body) = chat(&app, stream_request("[mock:words=12] [mock:plain]")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    let body = json_of(&body);
+    assert_eq!(body["object"], "chat.completion");
+    let content = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert_eq!(content.split_whitespace().count(), 12);
+}
+
+#[tokio::test]
+async fn a_stream_dropped_by_the_client_counts_as_disconnected() {
+    let (_, app) = app();
+    // A complete stream is not a disconnect.
+    chat(&app, stream_request("[mock:words=3]")).await;
+    assert_eq!(stats_of(&app).await["disconnected"], 0);
+
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/chat/completions")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    stream_request("[mock:words=100] [mock:chunk_delay_ms=50]").to_string(),
+                ))
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    let mut frames = resp.into_body().into_data_stream();
+    for _ in 0..3 {
+        frames.next().await.expect("a frame").expect("no error");
+    }
+    assert_eq!(stats_of(&app).await["in_flight"], 1);
+    drop(frames);
+    let stats = stats_of(&app).await;
+    assert_eq!(stats["disconnected"], 1, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+    assert_eq!(stats["total"], 2);
 }

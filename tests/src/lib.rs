@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod proxy;
+pub mod sse;
 
 use std::path::PathBuf;
 use std::process::Stdio;

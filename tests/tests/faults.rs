@@ -343,7 +343,11 @@ async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing
 -> anyhow::Result<()> {
     let (env, key) = TestEnv::start_with_key(EnvOptions {
         workers: 0,
-        api_env: env_of(&[("CHATQ_MAX_QUEUE_LENGTH", "5")]),
+        // One tenant may take the whole queue here: this checks the broker's bound.
+        api_env: env_of(&[
+            ("CHATQ_MAX_QUEUE_LENGTH", "5"),
+            ("CHATQ_TENANT_QUEUE_SHARE", "1"),
+        ]),
         ..Default::default()
     })
     .await?;
@@ -378,7 +382,8 @@ async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing
         "refused submissions left nothing behind"
     );
 
-    // Rate limit: 3 per minute for this key.
+    // Rate limit: 3 writes per minute for this key (creating the
+    // conversation is the first); invalid requests are not counted.
     let r = env
         .api
         .admin_post(
@@ -390,26 +395,34 @@ async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing
     let conv = env.api.create_conversation(&slow, &json!({})).await?;
     let path = format!("/v1/conversations/{conv}/messages");
     let mut codes = vec![];
-    for _ in 0..4 {
+    for (content, max_tokens) in [("x", 0), ("x", 0), ("y", 5), ("z", 5), ("w", 5)] {
         let r = env
             .api
-            .post(&path, &slow, &json!({"content": "x", "max_tokens": 0}))
+            .post(
+                &path,
+                &slow,
+                &json!({"content": content, "max_tokens": max_tokens}),
+            )
             .await?;
         if r.status == 429 {
             assert!(
                 r.header("retry-after")
                     .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|s| (1..=60).contains(&s))
+                    .is_some_and(|s| (1..=61).contains(&s))
             );
         }
         codes.push(r.error_code().to_owned());
     }
+    // The second write is accepted; the third counts (and finds the
+    // conversation busy); the fourth is over the limit before its
+    // conversation is even looked at.
     assert_eq!(
         codes,
         vec![
             "invalid_request",
             "invalid_request",
-            "invalid_request",
+            "",
+            "conversation_busy",
             "rate_limited"
         ]
     );
@@ -418,7 +431,7 @@ async fn full_queue_and_rate_limit_answer_429_with_retry_after_and_store_nothing
             .bind(&conv)
             .fetch_one(&env.db)
             .await?;
-    assert_eq!(stored, 0);
+    assert_eq!(stored, 1);
     env.cleanup().await;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `chatq-worker`: consumes chat jobs from RabbitMQ, calls an
 //! OpenAI-compatible LLM and writes the replies to PostgreSQL.
 
+pub mod attempt;
+pub mod cancels;
 pub mod consumer;
 pub mod controls;
 pub mod llm;
@@ -8,6 +10,7 @@ pub mod prompt;
 pub mod recovery;
 pub mod retry;
 pub mod runner;
+pub mod sse;
 pub mod store;
 
 use std::sync::Arc;
@@ -62,6 +65,12 @@ pub struct WorkerConfig {
     /// Seconds a queued job may stay unconfirmed before the relay publishes it.
     #[arg(long = "relay-grace-secs", env = "CHATQ_RELAY_GRACE_SECS", default_value = "10", value_parser = parse_secs)]
     pub relay_grace: Duration,
+    /// Seconds after its publish a still-queued job may have lost its
+    /// message; such jobs are republished when the work queue holds fewer
+    /// messages than they number (see `recovery::republish_vanished`). Keep
+    /// it above the longest retry delay (60 s).
+    #[arg(long = "republish-after-secs", env = "CHATQ_REPUBLISH_AFTER_SECS", default_value = "300", value_parser = parse_secs)]
+    pub republish_after: Duration,
 }
 
 /// Runs the worker until `shutdown` (or, with `drain`, until the queue is
@@ -81,7 +90,11 @@ pub async fn run(
     let topology = Topology::new(&config.amqp);
     let publisher = Publisher::new(&config.amqp);
     let grace = config.shutdown_grace;
-    let relay_grace = config.relay_grace;
+    let recovery_settings = recovery::RecoverySettings {
+        relay_grace: config.relay_grace,
+        republish_after: config.republish_after,
+        max_attempts: config.max_attempts,
+    };
     let stop_background = CancellationToken::new();
     let ctx = Arc::new(runner::JobContext {
         paused: controls::watch_pause(db.clone(), stop_background.clone()).await,
@@ -89,13 +102,14 @@ pub async fn run(
         db: db.clone(),
         llm,
         publisher: publisher.clone(),
+        cancels: cancels::CancelWatch::start(db.clone(), stop_background.clone()),
         config,
     });
 
     let recovery = tokio::spawn(recovery::run(
         db,
         publisher,
-        relay_grace,
+        recovery_settings,
         stop_background.clone(),
     ));
 

@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::sse::{ChunkParser, StreamEvent};
 use serde::{Deserialize, Serialize};
 
 /// Largest response body read from the LLM; a bigger one is a bad response.
@@ -13,6 +15,12 @@ pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Longest error message stored on a job (and shown to its tenant), in
+/// characters; the provider's full text goes to the logs, cut at
+/// [`MAX_LOGGED_DETAIL_CHARS`].
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 500;
+/// Longest upstream detail written to one log line, in characters.
+const MAX_LOGGED_DETAIL_CHARS: usize = 2_000;
 
 /// One chat message sent to the LLM.
 #[derive(Debug, Clone, Serialize)]
@@ -126,51 +134,174 @@ impl LlmClient {
         Ok(Self { http, url, api_key })
     }
 
-    /// One chat completion call.
-    pub async fn complete(&self, request: &ChatRequest) -> Result<Completion, LlmError> {
-        let mut call = self.http.post(&self.url).json(request);
+    /// One chat completion call, streamed: `sink` receives each piece of
+    /// reply text as it arrives (already cleaned as the stored reply is, so
+    /// the pieces concatenate to the returned `content` exactly). An
+    /// upstream that ignores `stream` and answers one JSON completion is
+    /// accepted too: its whole text is one piece.
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        sink: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Completion, LlmError> {
+        let body = StreamingRequest {
+            request,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        };
+        let mut call = self.http.post(&self.url).json(&body);
         if let Some(key) = &self.api_key {
             call = call.bearer_auth(key.expose_secret());
         }
         let mut response = call.send().await.map_err(transport_error)?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
-        let body = read_capped(&mut response).await?;
-        if status.is_redirection() {
-            return Err(LlmError::Permanent {
-                code: "llm_bad_response",
-                message: format!(
-                    "the LLM answered with a redirect ({status}), which is not followed"
-                ),
-            });
-        }
         if !status.is_success() {
-            let detail = provider_message(&body);
-            let message = format!("the LLM answered {status}: {detail}");
-            return Err(match status.as_u16() {
-                429 => LlmError::Retryable {
-                    code: "llm_rate_limited",
-                    message,
-                    retry_after,
-                },
-                408 | 409 | 500..=599 => LlmError::Retryable {
-                    code: "llm_unavailable",
-                    message,
-                    retry_after,
-                },
-                _ => LlmError::Permanent {
-                    code: "llm_rejected",
-                    message,
-                },
-            });
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
+            let body = read_capped(&mut response).await?;
+            return Err(status_error(status, retry_after, &body));
         }
-        parse_completion(&body)
+        let is_event_stream = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if !is_event_stream {
+            let completion = parse_completion(&read_capped(&mut response).await?)?;
+            if !completion.content.is_empty() {
+                sink(&completion.content);
+            }
+            return Ok(completion);
+        }
+        read_stream(&mut response, sink).await
+    }
+}
+
+/// Body of a streamed call: the request plus the streaming options.
+#[derive(Serialize)]
+struct StreamingRequest<'a> {
+    #[serde(flatten)]
+    request: &'a ChatRequest,
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// Reads a `text/event-stream` reply to its end. A stream that ends
+/// without `[DONE]` is complete if it said why it finished
+/// (`finish_reason`), else it was cut short: a retryable bad response.
+async fn read_stream(
+    response: &mut reqwest::Response,
+    sink: &mut (dyn FnMut(&str) + Send),
+) -> Result<Completion, LlmError> {
+    let mut parser = ChunkParser::default();
+    let mut events = Vec::new();
+    let mut content = String::new();
+    let mut finish_reason = None;
+    let (mut prompt_tokens, mut completion_tokens) = (None, None);
+    let (mut ended, mut done) = (false, false);
+    while !ended {
+        let chunk = response.chunk().await.map_err(transport_error)?;
+        let parsed = match &chunk {
+            Some(bytes) => parser.push(bytes, &mut events),
+            None => {
+                ended = true;
+                parser.finish(&mut events)
+            }
+        };
+        parsed.map_err(|e| LlmError::bad_response(format!("unreadable LLM stream: {e}")))?;
+        for event in events.drain(..) {
+            match event {
+                StreamEvent::Delta(text) => {
+                    let text = clean_reply(text);
+                    if content.len() + text.len() > MAX_RESPONSE_BYTES {
+                        return Err(LlmError::bad_response(format!(
+                            "the LLM reply is larger than {MAX_RESPONSE_BYTES} bytes"
+                        )));
+                    }
+                    content.push_str(&text);
+                    sink(&text);
+                }
+                StreamEvent::Finish(reason) => {
+                    finish_reason = Some(tenant_message(&truncate(&reason, 64)));
+                }
+                StreamEvent::Usage {
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                } => {
+                    prompt_tokens = token_count(p.as_ref());
+                    completion_tokens = token_count(c.as_ref());
+                }
+                StreamEvent::Done => (ended, done) = (true, true),
+                StreamEvent::Error(message) => {
+                    tracing::warn!(detail = %truncate(&message, MAX_LOGGED_DETAIL_CHARS), "the LLM failed mid-stream");
+                    return Err(LlmError::Retryable {
+                        code: "llm_unavailable",
+                        message: tenant_message(&format!("the LLM failed mid-stream: {message}")),
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+    }
+    let finish_reason = match (finish_reason, done) {
+        (Some(reason), _) => reason,
+        (None, true) => "stop".to_owned(),
+        (None, false) => {
+            return Err(LlmError::bad_response(
+                "the LLM stream ended before the reply was complete",
+            ));
+        }
+    };
+    Ok(Completion {
+        content,
+        finish_reason,
+        prompt_tokens,
+        completion_tokens,
+    })
+}
+
+/// The error for a non-success status, classified for the retry decision.
+fn status_error(
+    status: reqwest::StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> LlmError {
+    if status.is_redirection() {
+        return LlmError::Permanent {
+            code: "llm_bad_response",
+            message: format!("the LLM answered with a redirect ({status}), which is not followed"),
+        };
+    }
+    let detail = provider_message(body);
+    tracing::warn!(%status, detail = %truncate(&detail, MAX_LOGGED_DETAIL_CHARS), "the LLM answered an error");
+    let message = tenant_message(&format!("the LLM answered {status}: {detail}"));
+    match status.as_u16() {
+        429 => LlmError::Retryable {
+            code: "llm_rate_limited",
+            message,
+            retry_after,
+        },
+        408 | 409 | 500..=599 => LlmError::Retryable {
+            code: "llm_unavailable",
+            message,
+            retry_after,
+        },
+        _ => LlmError::Permanent {
+            code: "llm_rejected",
+            message,
+        },
     }
 }
 
@@ -182,9 +313,15 @@ fn transport_error(err: reqwest::Error) -> LlmError {
             retry_after: None,
         }
     } else {
+        // The chain names the LLM's host, port and OS errors: logs only.
+        tracing::warn!(detail = %truncate(&error_chain(&err), MAX_LOGGED_DETAIL_CHARS), "cannot reach the LLM");
         LlmError::Retryable {
             code: "llm_unavailable",
-            message: format!("cannot reach the LLM: {}", error_chain(&err)),
+            message: if err.is_connect() {
+                "cannot connect to the LLM".into()
+            } else {
+                "the connection to the LLM failed".into()
+            },
             retry_after: None,
         }
     }
@@ -239,6 +376,55 @@ fn provider_message(body: &[u8]) -> String {
     }
 }
 
+/// `text` cut to at most `max` characters (an ellipsis marks the cut).
+pub fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
+}
+
+/// A message fit to store on a job and show its tenant: control characters
+/// (U+0000 included, which PostgreSQL text cannot hold) become spaces, and it
+/// is cut to [`MAX_ERROR_MESSAGE_CHARS`].
+pub fn tenant_message(text: &str) -> String {
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    truncate(&cleaned, MAX_ERROR_MESSAGE_CHARS)
+}
+
+/// Reply text as it is stored and streamed: U+0000, which PostgreSQL text
+/// cannot hold, becomes U+FFFD (the replacement character), so the reply
+/// keeps its length and shows where the model emitted a NUL; nothing else
+/// changes.
+pub fn clean_reply(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+/// A token count as the LLM reported it, clamped into `0..=i32::MAX`: a
+/// hostile or buggy upstream can send negative or huge numbers.
+fn token_count(value: Option<&serde_json::Value>) -> Option<i32> {
+    let v = value?;
+    let n = if let Some(i) = v.as_i64() {
+        i
+    } else if let Some(u) = v.as_u64() {
+        i64::try_from(u).unwrap_or(i64::MAX)
+    } else {
+        let f = v.as_f64()?;
+        if f.is_nan() {
+            return None;
+        }
+        f as i64
+    };
+    Some(i32::try_from(n.max(0)).unwrap_or(i32::MAX))
+}
+
 fn parse_completion(body: &[u8]) -> Result<Completion, LlmError> {
     #[derive(Deserialize)]
     struct Response {
@@ -256,11 +442,12 @@ fn parse_completion(body: &[u8]) -> Result<Completion, LlmError> {
     }
     #[derive(Deserialize)]
     struct Usage {
-        prompt_tokens: Option<i32>,
-        completion_tokens: Option<i32>,
+        prompt_tokens: Option<serde_json::Value>,
+        completion_tokens: Option<serde_json::Value>,
     }
     let parsed: Response = serde_json::from_slice(body).map_err(|e| {
-        LlmError::bad_response(format!("the LLM response is not a chat completion: {e}"))
+        tracing::warn!(error = %e, "unparseable LLM response");
+        LlmError::bad_response("the LLM response is not a chat completion")
     })?;
     let choice = parsed
         .choices
@@ -268,10 +455,18 @@ fn parse_completion(body: &[u8]) -> Result<Completion, LlmError> {
         .next()
         .ok_or_else(|| LlmError::bad_response("the LLM response has no choices"))?;
     Ok(Completion {
-        content: choice.message.content.unwrap_or_default(),
-        finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".to_owned()),
-        prompt_tokens: parsed.usage.as_ref().and_then(|u| u.prompt_tokens),
-        completion_tokens: parsed.usage.as_ref().and_then(|u| u.completion_tokens),
+        content: clean_reply(choice.message.content.unwrap_or_default()),
+        finish_reason: choice
+            .finish_reason
+            .map_or_else(|| "stop".to_owned(), |r| tenant_message(&truncate(&r, 64))),
+        prompt_tokens: parsed
+            .usage
+            .as_ref()
+            .and_then(|u| token_count(u.prompt_tokens.as_ref())),
+        completion_tokens: parsed
+            .usage
+            .as_ref()
+            .and_then(|u| token_count(u.completion_tokens.as_ref())),
     })
 }
 
@@ -296,6 +491,33 @@ mod tests {
         let err = parse_completion(b"{\"choices\": [").expect_err("truncated JSON");
         assert_eq!(err.code(), "llm_bad_response");
         assert!(matches!(err, LlmError::Retryable { .. }));
+    }
+
+    #[test]
+    fn nul_in_the_reply_becomes_the_replacement_character() {
+        let body = br#"{"choices":[{"message":{"content":"a\u0000b"},"finish_reason":"stop"}]}"#;
+        let c = parse_completion(body).expect("valid completion");
+        assert_eq!(c.content, "a\u{FFFD}b");
+    }
+
+    #[test]
+    fn usage_beyond_i32_is_clamped_never_negative() {
+        let body = br#"{"choices":[{"message":{"content":"x"}}],
+                        "usage":{"prompt_tokens":99999999999999,"completion_tokens":-5}}"#;
+        let c = parse_completion(body).expect("valid completion");
+        assert_eq!(
+            (c.prompt_tokens, c.completion_tokens),
+            (Some(i32::MAX), Some(0))
+        );
+    }
+
+    #[test]
+    fn tenant_messages_are_bounded_and_hold_no_control_characters() {
+        let huge = format!("x\0y{}", "z".repeat(7_000_000));
+        let m = tenant_message(&huge);
+        assert!(m.chars().count() <= MAX_ERROR_MESSAGE_CHARS + 1);
+        assert!(!m.contains('\0'));
+        assert!(m.starts_with("x y"));
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! The recovery loop, safe in every replica at once: returns jobs whose
-//! worker died (lease lapsed) to the queue, and publishes queued jobs whose
+//! The recovery loop, safe in every replica at once: ends the attempts of
+//! jobs whose worker died (lease lapsed), publishes queued jobs whose
 //! publish was never confirmed (the api crashed, or the broker was down at
-//! submit time).
+//! submit time), and republishes jobs whose message vanished inside the
+//! broker (purged queue, lost message).
 
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use chatq_common::db::jobs;
+use chatq_common::db::{controls, jobs};
 use chatq_common::queue::Publisher;
 use uuid::Uuid;
 
@@ -16,17 +18,38 @@ use uuid::Uuid;
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// Jobs handled per pass and statement.
 const BATCH: i64 = 500;
+/// Longest pause between two looks for vanished messages.
+const MAX_REPUBLISH_CHECK: Duration = Duration::from_secs(30);
+
+/// What the recovery loop needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoverySettings {
+    /// A queued job unconfirmed for this long is published by the relay.
+    pub relay_grace: Duration,
+    /// A queued job published this long ago may have lost its message.
+    pub republish_after: Duration,
+    /// Attempts a job may take (`CHATQ_MAX_ATTEMPTS`).
+    pub max_attempts: u32,
+}
 
 /// Runs recovery passes until `shutdown`.
 pub async fn run(
     db: PgPool,
     publisher: Publisher,
-    relay_grace: Duration,
+    settings: RecoverySettings,
     shutdown: CancellationToken,
 ) {
+    let check_every = (settings.republish_after / 4).clamp(RECOVERY_INTERVAL, MAX_REPUBLISH_CHECK);
+    let mut next_republish_check = Instant::now() + check_every;
     loop {
-        if let Err(err) = pass(&db, &publisher, relay_grace).await {
+        if let Err(err) = pass(&db, &publisher, &settings).await {
             tracing::warn!(error = %err, "recovery pass failed; will retry");
+        }
+        if Instant::now() >= next_republish_check {
+            next_republish_check = Instant::now() + check_every;
+            if let Err(err) = republish_vanished(&db, &publisher, settings.republish_after).await {
+                tracing::warn!(error = %err, "looking for vanished messages failed; will retry");
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(RECOVERY_INTERVAL) => {}
@@ -35,22 +58,39 @@ pub async fn run(
     }
 }
 
-async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyhow::Result<()> {
-    chatq_common::db::rate_limits::prune(db).await?;
-    let requeued = jobs::requeue_expired(db, BATCH).await?;
-    if !requeued.is_empty() {
+async fn pass(
+    db: &PgPool,
+    publisher: &Publisher,
+    settings: &RecoverySettings,
+) -> anyhow::Result<()> {
+    let max_attempts = i32::try_from(settings.max_attempts.max(1)).unwrap_or(i32::MAX);
+    let lapsed = jobs::requeue_expired(db, BATCH, max_attempts).await?;
+    if !lapsed.failed.is_empty() {
         tracing::warn!(
-            jobs = requeued.len(),
+            jobs = lapsed.failed.len(),
+            "jobs whose last attempt's worker stopped answering: failed"
+        );
+        // Their messages were settled long ago: dead-letter a fresh one so
+        // they can be inspected and replayed like any failed job.
+        for id in &lapsed.failed {
+            if let Err(err) = publisher.publish_dead(*id).await {
+                tracing::warn!(job_id = %id, error = %err, "could not dead-letter the failed job");
+            }
+        }
+    }
+    if !lapsed.requeued.is_empty() {
+        tracing::warn!(
+            jobs = lapsed.requeued.len(),
             "requeued running jobs whose lease lapsed"
         );
         // Their messages are gone (acked when the claim failed): publish now
         // rather than after the relay's grace. A crash here leaves them to the relay.
-        let published = publish_all(publisher, &requeued).await;
+        let published = publish_all(publisher, &lapsed.requeued).await;
         jobs::mark_published_many(db, &published).await?;
     }
     loop {
         let mut tx = db.begin().await?;
-        let ids = jobs::lock_unpublished(&mut *tx, relay_grace, BATCH).await?;
+        let ids = jobs::lock_unpublished(&mut *tx, settings.relay_grace, BATCH).await?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -61,7 +101,70 @@ async fn pass(db: &PgPool, publisher: &Publisher, relay_grace: Duration) -> anyh
         if published.len() < ids.len() {
             return Ok(());
         }
+        // Let new submissions' publishes through between batches of a backlog.
+        tokio::task::yield_now().await;
     }
+}
+
+/// Republishes queued jobs whose message is no longer in the broker.
+///
+/// The rule, and why a long healthy queue never trips it: a queued job
+/// published more than `after` ago (longer than any retry delay, so its
+/// message has left the delay queues) must have a message *ready* in the
+/// work queue: not in a delay queue any more, and not in a worker's prefetch
+/// buffer, since a delivered job is claimed within moments and is then no
+/// longer queued. So, with `old` such jobs and `ready` messages in the work
+/// queue, a healthy broker always has `ready >= old`, however long the queue
+/// (100,000 jobs waiting their turn each have their message). Only when
+/// `ready < old` have at least `old - ready` messages vanished; which ones
+/// cannot be told apart, so every old job is published again (its
+/// `published_at` restarts the clock) and the guarded claim makes the
+/// duplicates of the healthy ones harmless: each costs one refused claim.
+/// Skipped while paused: held messages are unacked, not ready.
+///
+/// Cost: one passive queue declare and one index count every
+/// `after / 4` (at most 30 s), not per job.
+async fn republish_vanished(
+    db: &PgPool,
+    publisher: &Publisher,
+    after: Duration,
+) -> anyhow::Result<()> {
+    if controls::is_paused(db).await? {
+        return Ok(());
+    }
+    let old = jobs::count_published_before(db, after).await?;
+    if old == 0 {
+        return Ok(());
+    }
+    let ready = i64::from(publisher.depths().await?.work_messages);
+    if ready >= old {
+        return Ok(());
+    }
+    tracing::warn!(
+        old,
+        ready,
+        "queued jobs outnumber the messages in the work queue: republishing them"
+    );
+    let mut republished = 0usize;
+    loop {
+        let mut tx = db.begin().await?;
+        let ids = jobs::lock_published_before(&mut *tx, after, BATCH).await?;
+        if ids.is_empty() {
+            break;
+        }
+        let published = publish_all(publisher, &ids).await;
+        jobs::mark_republished_many(&mut *tx, &published).await?;
+        tx.commit().await?;
+        republished += published.len();
+        if published.len() < ids.len() {
+            break;
+        }
+    }
+    tracing::warn!(
+        jobs = republished,
+        "republished jobs whose message vanished"
+    );
+    Ok(())
 }
 
 /// Publishes the jobs in order until one fails; returns those confirmed.

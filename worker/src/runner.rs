@@ -1,6 +1,6 @@
 //! Runs one job: claim it (a guarded transition), build the prompt, call
-//! the LLM (with heartbeats and in-process retries), then write the
-//! assistant message and the terminal state in one transaction. No
+//! the LLM (`attempt`: streamed, with heartbeats and retries), then write
+//! the assistant message and the terminal state in one transaction. No
 //! database connection is held across the LLM call.
 
 use std::sync::Arc;
@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use chatq_common::db::{self, jobs};
-use chatq_common::domain::{Job, new_id};
+use chatq_common::db::jobs::{self, AttemptEnd};
+use chatq_common::db::{self, controls};
+use chatq_common::domain::{Job, JobStatus, new_id};
 use chatq_common::queue::Publisher;
 
-use crate::llm::{ChatRequest, Completion, LlmClient, LlmError};
+use crate::attempt::{Call, Failed, Stops, call_with_retries};
+use crate::cancels::CancelWatch;
+use crate::llm::{ChatRequest, Completion, LlmClient};
 use crate::store::JobStore;
-use crate::{WorkerConfig, prompt, retry};
+use crate::{WorkerConfig, prompt};
 
 /// Everything a job needs, shared by all of a process's jobs.
 pub struct JobContext {
@@ -29,8 +32,10 @@ pub struct JobContext {
     pub db: PgPool,
     /// The LLM client.
     pub llm: LlmClient,
-    /// Publishes delayed retries.
+    /// Publishes delayed retries and streamed text.
     pub publisher: Publisher,
+    /// Stops the calls of cancelled jobs at once.
+    pub cancels: CancelWatch,
     /// Settings.
     pub config: WorkerConfig,
 }
@@ -86,16 +91,9 @@ pub async fn run_job(
 ) -> sqlx::Result<Outcome> {
     let token = Uuid::new_v4();
     let lease = ctx.config.lease;
-    let claimed = with_db_retry("claim", || ctx.store.claim(id, token)).await?;
-    let Some(job) = claimed else {
-        let existing = with_db_retry("read job", || jobs::get_any(&ctx.db, id)).await?;
-        return Ok(match existing {
-            None => Outcome::UnknownJob,
-            Some(j) => {
-                tracing::info!(job_id = %id, status = ?j.status, "not queued; skipping duplicate delivery");
-                Outcome::Done
-            }
-        });
+    let job = match claim_when_unpaused(ctx, id, token, abandon).await? {
+        Claimed::Job(job) => *job,
+        Claimed::Not(outcome) => return Ok(outcome),
     };
     tracing::Span::current().record("job.attempt", job.attempts);
     let request = match load_request(ctx, &job).await? {
@@ -104,13 +102,19 @@ pub async fn run_job(
     };
 
     // Heartbeat: keeps the lease while the call runs; stops the call if the
-    // claim is lost (cancelled, conversation deleted, reclaimed).
+    // claim is lost (cancelled, conversation deleted, reclaimed). A
+    // cancellation's notification stops it at once.
     let lost = CancellationToken::new();
+    let _registered = ctx.cancels.register(id, lost.clone());
     let heartbeat = tokio::spawn(
         heartbeat(ctx.db.clone(), id, token, lease, lost.clone())
             .instrument(tracing::Span::current()),
     );
-    let called = call_with_retries(ctx, &job, token, &request, &lost, abandon).await;
+    let stops = Stops {
+        lost: &lost,
+        abandon,
+    };
+    let called = call_with_retries(ctx, id, token, job.attempts, &request, stops).await;
     heartbeat.abort();
 
     match called {
@@ -118,65 +122,153 @@ pub async fn run_job(
             tracing::info!(job_id = %id, "claim lost (cancelled or reclaimed); result discarded");
             Ok(Outcome::Done)
         }
-        Call::Deferred { err, delay } => {
-            let deferred = with_db_retry("defer", || {
-                jobs::defer(&ctx.db, id, token, err.code(), err.message())
-            })
-            .await?;
-            if !deferred {
-                return Ok(Outcome::Done);
-            }
-            match ctx.publisher.publish_delayed(id, delay).await {
-                Ok(wait) => {
-                    if let Err(e) = jobs::mark_published(&ctx.db, id).await {
-                        // The relay may publish it once more; the claim makes that harmless.
-                        tracing::warn!(error = %e, "could not record the delayed publish");
-                    }
-                    tracing::info!(job_id = %id, wait_ms = wait.as_millis(), code = err.code(), "retry scheduled");
-                }
-                Err(e) => {
-                    tracing::warn!(job_id = %id, error = %e, "delay queue unavailable; the relay requeues the job")
-                }
-            }
-            Ok(Outcome::Done)
-        }
+        Call::Deferred { failed, delay } => defer(ctx, id, token, &failed, delay).await,
         Call::Abandoned => {
             with_db_retry("release", || jobs::release(&ctx.db, id, token)).await?;
             tracing::info!(job_id = %id, "released unfinished job back to the queue");
             Ok(Outcome::Released)
         }
-        Call::Finished(Ok(completion)) => {
-            let message_id = new_id();
-            let success = jobs::Success {
-                id,
-                token,
-                message_id,
-                content: completion.content,
-                finish_reason: completion.finish_reason,
-                prompt_tokens: completion.prompt_tokens,
-                completion_tokens: completion.completion_tokens,
+        Call::Finished(Ok(completion)) => succeed(ctx, id, token, completion).await,
+        Call::Finished(Err(failed)) => end_failed(ctx, id, token, &failed.end()).await,
+    }
+}
+
+/// Gives the job back to wait out a long retry delay in the broker.
+async fn defer(
+    ctx: &JobContext,
+    id: Uuid,
+    token: Uuid,
+    failed: &Failed,
+    delay: Duration,
+) -> sqlx::Result<Outcome> {
+    let end = failed.end();
+    let deferred = with_db_retry("defer", || jobs::defer(&ctx.db, id, token, &end)).await?;
+    if !deferred {
+        return Ok(Outcome::Done);
+    }
+    match ctx.publisher.publish_delayed(id, delay).await {
+        Ok(wait) => {
+            if let Err(e) = jobs::mark_published(&ctx.db, id).await {
+                // The relay may publish it once more; the claim makes that harmless.
+                tracing::warn!(error = %e, "could not record the delayed publish");
+            }
+            tracing::info!(job_id = %id, wait_ms = wait.as_millis(), code = failed.err.code(), "retry scheduled");
+        }
+        Err(e) => {
+            tracing::warn!(job_id = %id, error = %e, "delay queue unavailable; the relay requeues the job")
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// Writes the reply and the succeeded state in one statement.
+async fn succeed(
+    ctx: &JobContext,
+    id: Uuid,
+    token: Uuid,
+    completion: Completion,
+) -> sqlx::Result<Outcome> {
+    let success = jobs::Success {
+        id,
+        token,
+        message_id: new_id(),
+        content: completion.content,
+        finish_reason: completion.finish_reason,
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+    };
+    let written = match with_db_retry("write result", || ctx.store.succeed(success.clone())).await {
+        Ok(written) => written,
+        // Not an outage: this reply can never be stored. Retrying would
+        // call the LLM again and again; the attempt ends here, failed.
+        Err(err) if !db::is_unavailable(&err) => {
+            tracing::error!(job_id = %id, error = %err, "the reply could not be stored; failing the job");
+            let end = AttemptEnd {
+                code: "result_unstorable",
+                message: "the LLM's reply could not be stored",
+                partial: "",
             };
-            let written =
-                with_db_retry("write result", || ctx.store.succeed(success.clone())).await?;
-            if written {
-                tracing::info!(job_id = %id, "job succeeded");
-            } else {
-                tracing::info!(job_id = %id, "claim lost before the result was written; discarded");
-            }
-            Ok(Outcome::Done)
+            return end_failed(ctx, id, token, &end).await;
         }
-        Call::Finished(Err(err)) => {
-            let failed = with_db_retry("mark failed", || {
-                jobs::fail(&ctx.db, id, token, err.code(), err.message())
-            })
-            .await?;
-            if failed {
-                tracing::warn!(job_id = %id, code = err.code(), "job failed");
-                Ok(Outcome::Failed)
-            } else {
-                Ok(Outcome::Done)
+        Err(err) => return Err(err),
+    };
+    if written {
+        tracing::info!(job_id = %id, "job succeeded");
+    } else {
+        tracing::info!(job_id = %id, "claim lost before the result was written; discarded");
+    }
+    Ok(Outcome::Done)
+}
+
+/// Marks the claimed job failed: its message is dead-lettered, unless the
+/// claim was lost meanwhile.
+async fn end_failed(
+    ctx: &JobContext,
+    id: Uuid,
+    token: Uuid,
+    end: &AttemptEnd<'_>,
+) -> sqlx::Result<Outcome> {
+    let failed = with_db_retry("mark failed", || jobs::fail(&ctx.db, id, token, end)).await?;
+    if failed {
+        tracing::warn!(job_id = %id, code = end.code, "job failed");
+        Ok(Outcome::Failed)
+    } else {
+        Ok(Outcome::Done)
+    }
+}
+
+/// How often a message held during a pause looks at the switch again.
+const PAUSED_RECHECK: Duration = Duration::from_millis(250);
+
+enum Claimed {
+    Job(Box<Job>),
+    Not(Outcome),
+}
+
+/// Claims the job. The claim statement itself refuses while an operator has
+/// paused consumption (so once `pause` has answered, nothing starts); a
+/// message refused that way is held here, unacked, unstarted and not counted
+/// as an attempt, until `resume`, then claimed. Anything else that refuses
+/// the claim (already claimed, terminal) makes this a duplicate delivery.
+async fn claim_when_unpaused(
+    ctx: &JobContext,
+    id: Uuid,
+    token: Uuid,
+    abandon: &CancellationToken,
+) -> sqlx::Result<Claimed> {
+    let mut paused = ctx.paused.clone();
+    let mut held = false;
+    loop {
+        if let Some(job) = with_db_retry("claim", || ctx.store.claim(id, token)).await? {
+            if held {
+                tracing::info!(job_id = %id, "resumed: held job claimed");
             }
+            return Ok(Claimed::Job(Box::new(job)));
         }
+        let existing = with_db_retry("read job", || jobs::get_any(&ctx.db, id)).await?;
+        let Some(job) = existing else {
+            return Ok(Claimed::Not(Outcome::UnknownJob));
+        };
+        if job.status != JobStatus::Queued
+            || !with_db_retry("read pause", || controls::is_paused(&ctx.db)).await?
+        {
+            if job.status == JobStatus::Queued {
+                // Resumed between the claim and the look: claim again.
+                continue;
+            }
+            tracing::info!(job_id = %id, status = ?job.status, "not queued; skipping duplicate delivery");
+            return Ok(Claimed::Not(Outcome::Done));
+        }
+        if !held {
+            tracing::info!(job_id = %id, "paused by an operator: holding the job until resume");
+            held = true;
+        }
+        tokio::select! {
+            // The switch as this process last read it; the claim re-checks it.
+            resumed = paused.wait_for(|p| !*p) => drop(resumed),
+            () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+        }
+        tokio::time::sleep(PAUSED_RECHECK).await;
     }
 }
 
@@ -195,79 +287,6 @@ async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRe
         max_tokens: job.max_tokens,
         temperature: job.temperature,
     }))
-}
-
-enum Call {
-    Finished(Result<Completion, LlmError>),
-    /// Retry after `delay`, through the delay queue.
-    Deferred {
-        err: LlmError,
-        delay: Duration,
-    },
-    Lost,
-    Abandoned,
-}
-
-async fn call_with_retries(
-    ctx: &JobContext,
-    job: &Job,
-    token: Uuid,
-    request: &ChatRequest,
-    lost: &CancellationToken,
-    abandon: &CancellationToken,
-) -> Call {
-    let max_attempts = ctx.config.max_attempts.max(1);
-    let mut attempt = u32::try_from(job.attempts).unwrap_or(1);
-    loop {
-        let started = tokio::time::Instant::now();
-        let result = tokio::select! {
-            r = ctx.llm.complete(request) => r,
-            () = lost.cancelled() => return Call::Lost,
-            () = abandon.cancelled() => return Call::Abandoned,
-        };
-        let latency_ms = started.elapsed().as_millis();
-        let err = match result {
-            Ok(c) => {
-                tracing::info!(llm.latency_ms = latency_ms, attempt, "LLM call succeeded");
-                return Call::Finished(Ok(c));
-            }
-            Err(e) => e,
-        };
-        tracing::warn!(llm.latency_ms = latency_ms, attempt, error = %err, "LLM call failed");
-        let LlmError::Retryable { retry_after, .. } = &err else {
-            return Call::Finished(Err(err));
-        };
-        if attempt >= max_attempts {
-            return Call::Finished(Err(err));
-        }
-        let pause = retry::delay(attempt, *retry_after);
-        if pause > IN_PROCESS_RETRY_MAX {
-            return Call::Deferred { err, delay: pause };
-        }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = lost.cancelled() => return Call::Lost,
-            () = abandon.cancelled() => return Call::Abandoned,
-        }
-        match jobs::retry_attempt(
-            &ctx.db,
-            job.id,
-            token,
-            ctx.config.lease,
-            err.code(),
-            err.message(),
-        )
-        .await
-        {
-            Ok(true) => attempt += 1,
-            Ok(false) => return Call::Lost,
-            // The heartbeat keeps the claim; count the attempt locally.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not record the retry attempt");
-                attempt += 1;
-            }
-        }
-    }
 }
 
 async fn heartbeat(db: PgPool, id: Uuid, token: Uuid, lease: Duration, lost: CancellationToken) {

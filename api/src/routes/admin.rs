@@ -19,6 +19,8 @@ use crate::extract::{IdPath, JsonBody, OptionalJsonBody};
 const MAX_TENANT_CHARS: usize = 200;
 /// Highest per-key submission rate.
 const MAX_RATE_LIMIT_PER_MINUTE: i64 = 1_000_000;
+/// Highest per-key `max_concurrency`.
+const MAX_KEY_CONCURRENCY: i64 = 100_000;
 
 /// Body of `POST /admin/v1/api-keys`.
 #[derive(Debug, Deserialize)]
@@ -26,6 +28,7 @@ const MAX_RATE_LIMIT_PER_MINUTE: i64 = 1_000_000;
 pub struct CreateKey {
     tenant: String,
     rate_limit_per_minute: Option<i64>,
+    max_concurrency: Option<i64>,
 }
 
 /// `POST /admin/v1/api-keys` → 201 `{id, tenant, key}`; the key is shown
@@ -41,6 +44,7 @@ pub async fn create_key(
             "tenant: must be 1 to {MAX_TENANT_CHARS} characters"
         )));
     }
+    crate::validate::no_nul("tenant", tenant)?;
     let rate_limit = match body.rate_limit_per_minute {
         None => None,
         Some(n) if (1..=MAX_RATE_LIMIT_PER_MINUTE).contains(&n) => i32::try_from(n).ok(),
@@ -50,15 +54,30 @@ pub async fn create_key(
             )));
         }
     };
+    let max_concurrency = match body.max_concurrency {
+        None => None,
+        Some(n) if (1..=MAX_KEY_CONCURRENCY).contains(&n) => i32::try_from(n).ok(),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "max_concurrency: must be an integer from 1 to {MAX_KEY_CONCURRENCY}"
+            )));
+        }
+    };
     let key = keys::generate_key();
     let id = new_id();
+    let limits = keys::KeyLimits {
+        rate_limit_per_minute: rate_limit,
+        max_concurrency,
+    };
     let mut tx = state.db.begin().await?;
     let tenant_id = keys::upsert_tenant(&mut *tx, new_id(), tenant).await?;
-    keys::insert_key(&mut *tx, id, tenant_id, &keys::hash_key(&key), rate_limit).await?;
+    keys::insert_key(&mut *tx, id, tenant_id, &keys::hash_key(&key), limits).await?;
     tx.commit().await?;
+    // Audit trail: who got a key, never the key itself.
+    tracing::info!(key_id = %id, %tenant_id, tenant, ?rate_limit, ?max_concurrency, "api key created");
     let body = json!({
         "id": id, "tenant": tenant, "tenant_id": tenant_id, "key": key,
-        "rate_limit_per_minute": rate_limit,
+        "rate_limit_per_minute": rate_limit, "max_concurrency": max_concurrency,
     });
     Ok((StatusCode::CREATED, Json(body)))
 }
@@ -70,6 +89,7 @@ pub async fn revoke_key(
     IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     if keys::revoke(&state.db, id).await? {
+        tracing::info!(key_id = %id, "api key revoked");
         // Other replicas forget it when the revocation's NOTIFY arrives.
         state.keys.clear();
         Ok(StatusCode::NO_CONTENT)

@@ -13,6 +13,7 @@ use crate::AppState;
 use crate::auth::Tenant;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{IdPath, OptionalJsonBody, QueryParams};
+use crate::validate::{json_without_nul, no_nul};
 use crate::views::{ConversationView, MessageView, Page};
 
 /// Longest accepted model name.
@@ -39,10 +40,28 @@ pub struct NewConversation {
 
 /// Checks a model name.
 pub fn validate_model(model: Option<String>) -> ApiResult<Option<String>> {
+    if let Some(m) = &model {
+        no_nul("model", m)?;
+    }
     match model {
         Some(m) if m.trim().is_empty() || m.chars().count() > MAX_MODEL_CHARS => Err(
             ApiError::invalid(format!("model: must be 1 to {MAX_MODEL_CHARS} characters")),
         ),
+        other => Ok(other),
+    }
+}
+
+/// With `CHATQ_MODELS` set, a model the operator does not offer is a 400:
+/// a tenant must not pick any model on the operator's upstream key.
+pub fn check_model_offered(state: &AppState, model: Option<String>) -> ApiResult<Option<String>> {
+    let offered = &state.config.models;
+    match model {
+        Some(m) if !offered.is_empty() && !offered.iter().any(|o| o.trim() == m) => {
+            Err(ApiError::invalid(format!(
+                "model: `{m}` is not offered here; use one of: {}",
+                offered.join(", ")
+            )))
+        }
         other => Ok(other),
     }
 }
@@ -62,12 +81,17 @@ pub fn validate_new_conversation(
             state.config.max_content_chars
         )));
     }
+    if let Some(p) = &system_prompt {
+        no_nul("system_prompt", p)?;
+    }
     let metadata = match metadata {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(m @ serde_json::Value::Object(_)) => m,
         Some(_) => return Err(ApiError::invalid("metadata: must be a JSON object")),
     };
-    let model = validate_model(model)?.unwrap_or_else(|| state.config.default_model.clone());
+    json_without_nul("metadata", &metadata)?;
+    let model = check_model_offered(state, validate_model(model)?)?
+        .unwrap_or_else(|| state.config.default_model.clone());
     Ok(NewConversation {
         system_prompt,
         model,
@@ -94,6 +118,7 @@ pub async fn create(
     OptionalJsonBody(body): OptionalJsonBody<CreateConversation>,
 ) -> ApiResult<impl IntoResponse> {
     let new = validate_new_conversation(&state, body.system_prompt, body.model, body.metadata)?;
+    crate::limits::check_rate(&state, &tenant).await?;
     let stored = conversations::insert(&state.db, &conversation_row(&tenant, new)).await?;
     let location = format!("/v1/conversations/{}", stored.id);
     Ok((
@@ -103,6 +128,11 @@ pub async fn create(
     ))
 }
 
+/// The page size budget in bytes (`CHATQ_MAX_PAGE_BYTES`).
+fn max_page_bytes(state: &AppState) -> i64 {
+    i64::try_from(state.config.max_page_bytes).unwrap_or(i64::MAX)
+}
+
 /// `GET /v1/conversations?limit=&after=`, newest first.
 pub async fn list(
     State(state): State<AppState>,
@@ -110,7 +140,14 @@ pub async fn list(
     q: QueryParams,
 ) -> ApiResult<impl IntoResponse> {
     let (limit, after) = q.page()?;
-    let rows = conversations::list(&state.db, tenant.id, after, limit + 1).await?;
+    let rows = conversations::list(
+        &state.db,
+        tenant.id,
+        after,
+        limit + 1,
+        max_page_bytes(&state),
+    )
+    .await?;
     Ok(Json(Page::from_rows(
         rows,
         limit,
@@ -137,6 +174,7 @@ pub async fn delete(
     tenant: Tenant,
     IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
+    crate::limits::check_rate(&state, &tenant).await?;
     if conversations::delete(&state.db, tenant.id, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -155,7 +193,15 @@ pub async fn messages(
     conversations::get(&state.db, tenant.id, id)
         .await?
         .ok_or(ApiError::NotFound("no such conversation"))?;
-    let rows = messages::list(&state.db, tenant.id, id, after, limit + 1).await?;
+    let rows = messages::list(
+        &state.db,
+        tenant.id,
+        id,
+        after,
+        limit + 1,
+        max_page_bytes(&state),
+    )
+    .await?;
     Ok(Json(Page::from_rows(
         rows,
         limit,

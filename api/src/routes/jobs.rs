@@ -40,7 +40,7 @@ pub async fn get(
     let wait = q.int("wait", 0, MAX_WAIT_SECS, 0)?;
     let deadline = Instant::now() + Duration::from_secs(wait.unsigned_abs());
     // Subscribe before the first read so a change in between is not missed.
-    let mut changes = (wait > 0).then(|| state.watcher.subscribe(id));
+    let mut changes = (wait > 0).then(|| state.hub.subscribe(id));
     let mut job = load(&state, &tenant, id).await?;
     while let Some(sub) = changes.as_mut() {
         if job.status.is_terminal() || Instant::now() >= deadline {
@@ -63,6 +63,7 @@ pub async fn cancel(
     tenant: Tenant,
     IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
+    crate::limits::check_rate(&state, &tenant).await?;
     match jobs::cancel(&state.db, tenant.id, id).await? {
         Some(job) => Ok(Json(JobView::from(job))),
         None => {

@@ -1,7 +1,8 @@
 //! Routes, one module per resource.
 
 mod admin;
-mod conversations;
+pub(crate) mod conversations;
+mod events;
 mod health;
 mod jobs;
 mod submit;
@@ -32,6 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/chat", post(submit::chat))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::events))
         .route("/admin/v1/api-keys", post(admin::create_key))
         .route(
             "/admin/v1/api-keys/{id}",

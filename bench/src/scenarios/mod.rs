@@ -5,6 +5,7 @@ pub mod concurrency;
 pub mod overhead;
 pub mod reads;
 pub mod scaling;
+pub mod stream;
 pub mod submit;
 
 /// A scenario's result as a table: the column headers and the formatted rows, built

@@ -38,24 +38,38 @@ pub async fn get(
 }
 
 /// Up to `limit` of the tenant's conversations, newest first, older than
-/// `after` when given (keyset pagination on the time-ordered id).
+/// `after` when given (keyset pagination on the time-ordered id), and no
+/// more than about `max_bytes` of system prompts and metadata (the first
+/// conversation always comes). The cut is made in PostgreSQL.
 pub async fn list(
     db: impl PgExecutor<'_>,
     tenant_id: Uuid,
     after: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Conversation>> {
-    sqlx::query_as(
-        "select id, tenant_id, system_prompt, model, metadata, created_at
-         from conversations
-         where tenant_id = $1 and ($2::uuid is null or id < $2)
-         order by id desc limit $3",
+    max_bytes: i64,
+) -> sqlx::Result<super::Cut<Conversation>> {
+    let rows: Vec<super::CutRow<Conversation>> = sqlx::query_as(
+        "with page as (
+             select id, tenant_id, system_prompt, model, metadata, created_at,
+                    octet_length(coalesce(system_prompt, '')) + octet_length(metadata::text)
+                        + octet_length(model) as bytes
+             from conversations
+             where tenant_id = $1 and ($2::uuid is null or id < $2)
+             order by id desc limit $3
+         ), sized as (
+             select *, sum(bytes) over (order by id desc) - bytes as bytes_before from page
+         )
+         select id, tenant_id, system_prompt, model, metadata, created_at,
+                (select count(*) from page) as fetched
+         from sized where bytes_before < $4 order by id desc",
     )
     .bind(tenant_id)
     .bind(after)
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(super::Cut::from_rows(rows))
 }
 
 /// Deletes the conversation with its messages and jobs (cascade), first
@@ -66,7 +80,8 @@ pub async fn delete(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx:
         "with gone as (
              delete from conversations where tenant_id = $1 and id = $2 returning id
          ), announced as (
-             select pg_notify('chatq_job', j.id::text) from jobs j
+             select pg_notify('chatq_job', j.id::text), pg_notify('chatq_cancel', j.id::text)
+             from jobs j
              where j.conversation_id in (select id from gone)
                and j.status in ('queued', 'running')
          )

@@ -107,9 +107,11 @@ pub async fn cancel(
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
         "update jobs set status = 'cancelled', finished_at = now(), updated_at = now(),
-                         claim_token = null, lease_expires_at = null
+                         claim_token = null, lease_expires_at = null,
+                         partial_content = null, partial_attempt = null
          where tenant_id = $1 and id = $2 and status in ('queued', 'running')
-         returning *, pg_notify('chatq_job', id::text)::text as notified",
+         returning *, pg_notify('chatq_job', id::text)::text as notified,
+                   pg_notify('chatq_cancel', id::text)::text as cancelled",
     )
     .bind(tenant_id)
     .bind(id)
@@ -120,7 +122,8 @@ pub async fn cancel(
 /// Claims a queued job for one attempt: `running`, one more attempt, owned
 /// by `token` until `lease` passes without a heartbeat. `None` if the job
 /// is not queued (already claimed, terminal, or gone): a redelivered
-/// message can never start a second call.
+/// message can never start a second call; `None` too while an operator has
+/// paused consumption.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -146,6 +149,8 @@ pub async fn claim_many(
                            started_at = coalesce(j.started_at, now()), updated_at = now()
          from unnest($1::uuid[], $2::uuid[]) as c(id, token)
          where j.id = c.id and j.status = 'queued'
+           -- An operator's pause holds from the moment it is committed.
+           and not exists (select 1 from queue_controls where paused)
          returning j.*, pg_notify('chatq_job', j.id::text)::text as notified",
     )
     .bind(ids)
@@ -237,7 +242,8 @@ pub async fn succeed_many(
                                result_message_id = i.message_id, result_content = i.content,
                                finish_reason = i.finish_reason, prompt_tokens = i.prompt_tokens,
                                completion_tokens = i.completion_tokens,
-                               claim_token = null, lease_expires_at = null
+                               claim_token = null, lease_expires_at = null,
+                               partial_content = null, partial_attempt = null
              from input i
              where j.id = i.id and j.claim_token = i.token and j.status = 'running'
              returning j.id, i.token, j.tenant_id, j.conversation_id, i.message_id, i.content,
@@ -259,48 +265,109 @@ pub async fn succeed_many(
     .await
 }
 
+/// How an attempt that produced no result ended, for the job's attempt
+/// history.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptEnd<'a> {
+    /// Error code.
+    pub code: &'a str,
+    /// What happened (bounded, fit for the tenant).
+    pub message: &'a str,
+    /// The text the attempt had streamed before it failed (kept up to
+    /// [`super::MAX_PARTIAL_CHARS`]); empty if none.
+    pub partial: &'a str,
+}
+
 /// Marks a claimed job failed; false if the claim is no longer held.
 pub async fn fail(
     db: impl PgExecutor<'_>,
     id: Uuid,
     token: Uuid,
-    code: &str,
-    message: &str,
+    ended: &AttemptEnd<'_>,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
                          error_code = $3, error_message = $4,
-                         attempt_errors = attempt_errors || jsonb_build_object(
-                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now()),
-                         claim_token = null, lease_expires_at = null
+                         attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
+                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now(),
+                             'partial_content', nullif(left($5, $6), ''))),
+                         claim_token = null, lease_expires_at = null,
+                         partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
     )
     .bind(id)
     .bind(token)
-    .bind(code)
-    .bind(message)
+    .bind(ended.code)
+    .bind(ended.message)
+    .bind(ended.partial)
+    .bind(super::MAX_PARTIAL_CHARS)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-/// Returns running jobs whose lease lapsed (their worker died) to `queued`
-/// and unpublished, so the relay publishes them again. Safe in every
-/// replica at once.
-pub async fn requeue_expired(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
-                         published_at = null, updated_at = now()
-         where id in (select id from jobs
-                      where status = 'running' and lease_expires_at < now()
-                      order by lease_expires_at
-                      for update skip locked limit $1)
-         returning id",
+/// Error code of an attempt whose worker stopped answering (its lease lapsed).
+pub const WORKER_LOST: &str = "worker_lost";
+
+/// Running jobs whose lease lapsed, as [`requeue_expired`] left them.
+#[derive(Debug, Default)]
+pub struct Lapsed {
+    /// Back to `queued`, unpublished: publish them again.
+    pub requeued: Vec<Uuid>,
+    /// Their last allowed attempt was the one that lapsed: now `failed`.
+    pub failed: Vec<Uuid>,
+}
+
+/// Ends the attempt of every running job whose lease lapsed (its worker
+/// died, or kept failing to write): the attempt is recorded as
+/// [`WORKER_LOST`], then the job goes back to `queued` and unpublished, so
+/// it is published again, or, if that was its last allowed attempt
+/// (`max_attempts`), it fails. So a job whose attempts keep ending without a
+/// result still ends within its budget. Safe in every replica at once.
+pub async fn requeue_expired(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+    max_attempts: i32,
+) -> sqlx::Result<Lapsed> {
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
+        "with lapsed as (
+             select id from jobs
+             where status = 'running' and lease_expires_at < now()
+             order by lease_expires_at
+             for update skip locked limit $1
+         )
+         update jobs j set
+             status = case when j.attempts >= $2 then 'failed' else 'queued' end,
+             finished_at = case when j.attempts >= $2 then now() end,
+             error_code = case when j.attempts >= $2 then $3 end,
+             error_message = case when j.attempts >= $2 then $4 end,
+             attempt_errors = j.attempt_errors || jsonb_strip_nulls(jsonb_build_object(
+                 'attempt', j.attempts, 'code', $3::text, 'message', $4::text, 'at', now(),
+                 'partial_content', nullif(left(j.partial_content, $5), ''))),
+             partial_content = null, partial_attempt = null,
+             claim_token = null, lease_expires_at = null, published_at = null, updated_at = now()
+         from lapsed
+         where j.id = lapsed.id
+         returning j.id, j.status = 'failed', pg_notify('chatq_job', j.id::text)::text",
     )
     .bind(limit)
+    .bind(max_attempts)
+    .bind(WORKER_LOST)
+    .bind("the attempt's worker stopped answering before it finished")
+    .bind(super::MAX_PARTIAL_CHARS)
     .fetch_all(db)
     .await
+    .map(|rows: Vec<(Uuid, bool, String)>| rows.into_iter().map(|(id, f, _)| (id, f)).collect())?;
+    let mut lapsed = Lapsed::default();
+    for (id, failed) in rows {
+        if failed {
+            lapsed.failed.push(id);
+        } else {
+            lapsed.requeued.push(id);
+        }
+    }
+    Ok(lapsed)
 }
 
 /// Locks up to `limit` queued jobs whose publish was never confirmed and
@@ -362,33 +429,45 @@ pub async fn retry_attempt(
     id: Uuid,
     token: Uuid,
     lease: Duration,
-    code: &str,
-    message: &str,
+    ended: &AttemptEnd<'_>,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set attempts = attempts + 1, updated_at = now(),
                          lease_expires_at = now() + make_interval(secs => $3),
-                         attempt_errors = attempt_errors || jsonb_build_object(
-                             'attempt', attempts, 'code', $4::text, 'message', $5::text, 'at', now())
+                         attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
+                             'attempt', attempts, 'code', $4::text, 'message', $5::text, 'at', now(),
+                             'partial_content', nullif(left($6, $7), ''))),
+                         partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
     )
     .bind(id)
     .bind(token)
     .bind(lease.as_secs_f64())
-    .bind(code)
-    .bind(message)
+    .bind(ended.code)
+    .bind(ended.message)
+    .bind(ended.partial)
+    .bind(super::MAX_PARTIAL_CHARS)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-/// Gives a claimed job back to the queue unfinished (worker shutting down);
-/// the attempt it had started does not count. False if the claim is gone.
+/// Gives a claimed job back to the queue unfinished (worker shutting down
+/// past its grace period). The attempt it had started counts, like every
+/// attempt that ended without a result (it may have cost an LLM call, and
+/// each attempt number names one stream of text for subscribers); it is
+/// recorded as `worker_stopped` with the text saved so far. False if the
+/// claim is gone.
 pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Result<bool> {
     let done = sqlx::query(
-        "update jobs set status = 'queued', attempts = greatest(attempts - 1, 0),
+        "update jobs set status = 'queued',
+                         attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
+                             'attempt', attempts, 'code', 'worker_stopped',
+                             'message', 'the worker stopped before the attempt finished',
+                             'at', now(), 'partial_content', nullif(left(partial_content, $3), ''))),
                          claim_token = null, lease_expires_at = null, updated_at = now(),
+                         partial_content = null, partial_attempt = null,
                          -- Its message goes back to the queue (nack or connection loss):
                          -- the relay must not publish another.
                          published_at = coalesce(published_at, now())
@@ -397,6 +476,7 @@ pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Re
     )
     .bind(id)
     .bind(token)
+    .bind(super::MAX_PARTIAL_CHARS)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -428,21 +508,102 @@ pub async fn defer(
     db: impl PgExecutor<'_>,
     id: Uuid,
     token: Uuid,
-    code: &str,
-    message: &str,
+    ended: &AttemptEnd<'_>,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
                          published_at = null, updated_at = now(),
-                         attempt_errors = attempt_errors || jsonb_build_object(
-                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now())
+                         attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
+                             'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now(),
+                             'partial_content', nullif(left($5, $6), ''))),
+                         partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
          returning pg_notify('chatq_job', id::text)::text",
     )
     .bind(id)
     .bind(token)
-    .bind(code)
-    .bind(message)
+    .bind(ended.code)
+    .bind(ended.message)
+    .bind(ended.partial)
+    .bind(super::MAX_PARTIAL_CHARS)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Queued jobs whose message was published more than `after` ago (see the
+/// worker's republish rule).
+pub async fn count_published_before(db: impl PgExecutor<'_>, after: Duration) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "select count(*) from jobs
+         where status = 'queued' and published_at < now() - make_interval(secs => $1)",
+    )
+    .bind(after.as_secs_f64())
+    .fetch_one(db)
+    .await
+}
+
+/// Locks up to `limit` queued jobs published more than `after` ago, oldest
+/// first; call in a transaction, publish, then [`mark_republished_many`].
+pub async fn lock_published_before(
+    db: impl PgExecutor<'_>,
+    after: Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "select id from jobs
+         where status = 'queued' and published_at < now() - make_interval(secs => $1)
+         order by published_at
+         for update skip locked limit $2",
+    )
+    .bind(after.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Records that queued jobs were published again just now.
+pub async fn mark_republished_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("update jobs set published_at = now() where id = any($1) and status = 'queued'")
+        .bind(ids)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Queued jobs of one tenant (the per-tenant share of the queue).
+pub async fn queued_count_of_tenant(db: impl PgExecutor<'_>, tenant_id: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar("select count(*) from jobs where tenant_id = $1 and status = 'queued'")
+        .bind(tenant_id)
+        .fetch_one(db)
+        .await
+}
+
+/// Queued jobs whose publish was never confirmed (the outbox backlog).
+pub async fn unpublished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("select count(*) from jobs where status = 'queued' and published_at is null")
+        .fetch_one(db)
+        .await
+}
+
+/// Saves the text the running attempt has streamed so far (no `NOTIFY`:
+/// subscribers hear the text itself over the events exchange; this copy is
+/// for those who join or resume later). False if the claim is gone.
+pub async fn save_partial(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    token: Uuid,
+    attempt: i32,
+    text: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set partial_content = $4, partial_attempt = $3
+         where id = $1 and claim_token = $2 and status = 'running'",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(attempt)
+    .bind(text)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

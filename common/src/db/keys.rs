@@ -31,22 +31,32 @@ pub async fn upsert_tenant(db: impl PgExecutor<'_>, id: Uuid, name: &str) -> sql
     .await
 }
 
+/// The limits an operator set on a key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyLimits {
+    /// Write requests allowed per minute, if limited.
+    pub rate_limit_per_minute: Option<i32>,
+    /// Jobs of this key running at once, if limited.
+    pub max_concurrency: Option<i32>,
+}
+
 /// Stores a new key by its hash.
 pub async fn insert_key(
     db: impl PgExecutor<'_>,
     id: Uuid,
     tenant_id: Uuid,
     key_hash: &[u8],
-    rate_limit_per_minute: Option<i32>,
+    limits: KeyLimits,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "insert into api_keys (id, tenant_id, key_hash, rate_limit_per_minute)
-         values ($1, $2, $3, $4)",
+        "insert into api_keys (id, tenant_id, key_hash, rate_limit_per_minute, max_concurrency)
+         values ($1, $2, $3, $4, $5)",
     )
     .bind(id)
     .bind(tenant_id)
     .bind(key_hash)
-    .bind(rate_limit_per_minute)
+    .bind(limits.rate_limit_per_minute)
+    .bind(limits.max_concurrency)
     .execute(db)
     .await?;
     Ok(())

@@ -8,27 +8,39 @@ use uuid::Uuid;
 use crate::domain::{Message, Role};
 
 /// Up to `limit` messages of the tenant's conversation, oldest first, after
-/// the message `after` when given (an unknown `after` yields nothing).
+/// the message `after` when given (an unknown `after` yields nothing), and
+/// no more than `max_bytes` of content (the first message always comes).
+/// The cut is made in PostgreSQL, so big pages are never loaded here.
 pub async fn list(
     db: impl PgExecutor<'_>,
     tenant_id: Uuid,
     conversation_id: Uuid,
     after: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Message>> {
-    sqlx::query_as(
-        "select id, role, content, job_id, created_at from messages
-         where tenant_id = $1 and conversation_id = $2
-           and ($3::uuid is null
-                or seq > (select seq from messages where id = $3 and conversation_id = $2))
-         order by seq limit $4",
+    max_bytes: i64,
+) -> sqlx::Result<super::Cut<Message>> {
+    let rows: Vec<super::CutRow<Message>> = sqlx::query_as(
+        "with page as (
+             select id, seq, role, content, job_id, created_at,
+                    sum(octet_length(content)) over (order by seq) - octet_length(content)
+                        as bytes_before
+             from messages
+             where tenant_id = $1 and conversation_id = $2
+               and ($3::uuid is null
+                    or seq > (select seq from messages where id = $3 and conversation_id = $2))
+             order by seq limit $4
+         )
+         select id, role, content, job_id, created_at, (select count(*) from page) as fetched
+         from page where bytes_before < $5 order by seq",
     )
     .bind(tenant_id)
     .bind(conversation_id)
     .bind(after)
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(super::Cut::from_rows(rows))
 }
 
 /// What a prompt is built from: the conversation's system prompt and its

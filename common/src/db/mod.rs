@@ -10,9 +10,45 @@ pub mod messages;
 pub mod rate_limits;
 pub mod submissions;
 
-/// The LISTEN/NOTIFY channel on which every job state change (and streamed
-/// progress) is announced, with the job id as payload.
+/// A page of rows cut to a size budget in PostgreSQL.
+#[derive(Debug)]
+pub struct Cut<T> {
+    /// The rows kept.
+    pub rows: Vec<T>,
+    /// Whether rows fetched within the count limit were left out for size.
+    pub truncated: bool,
+}
+
+/// A row of a size-cut page: the row and how many rows the page held
+/// before the cut.
+#[derive(Debug, sqlx::FromRow)]
+pub struct CutRow<T> {
+    #[sqlx(flatten)]
+    row: T,
+    fetched: i64,
+}
+
+impl<T> Cut<T> {
+    fn from_rows(rows: Vec<CutRow<T>>) -> Self {
+        let fetched = rows.first().map_or(0, |r| r.fetched);
+        let truncated = usize::try_from(fetched).unwrap_or(usize::MAX) > rows.len();
+        Self {
+            rows: rows.into_iter().map(|r| r.row).collect(),
+            truncated,
+        }
+    }
+}
+
+/// The LISTEN/NOTIFY channel on which every job state change is announced,
+/// with the job id as payload.
 pub const JOB_CHANNEL: &str = "chatq_job";
+/// The LISTEN/NOTIFY channel on which cancellations of jobs (by the client,
+/// or by deleting their conversation) are announced to the workers, so a
+/// running call stops at once.
+pub const CANCEL_CHANNEL: &str = "chatq_cancel";
+/// Longest abandoned partial reply kept in a job's attempt history, in
+/// characters.
+pub const MAX_PARTIAL_CHARS: i32 = 10_000;
 
 /// The name of the constraint a database error violated, if any: callers
 /// map named constraints to API errors next to the query.

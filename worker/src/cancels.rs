@@ -1,0 +1,98 @@
+//! Prompt cancellation: `POST /v1/jobs/{id}/cancel` and deleting a
+//! conversation announce the job on [`CANCEL_CHANNEL`]; each worker listens
+//! and stops the LLM call of a job it is running at once, instead of at its
+//! next heartbeat. The heartbeat stays the backstop (a missed notification
+//! costs at most a heartbeat interval).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use chatq_common::db::CANCEL_CHANNEL;
+
+/// Pause before listening again after the listener connection failed.
+const RELISTEN_DELAY: Duration = Duration::from_secs(1);
+
+type Running = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
+
+/// The jobs this process is calling the LLM for, by id.
+#[derive(Clone, Default)]
+pub struct CancelWatch {
+    running: Running,
+}
+
+/// Keeps a job registered while it lives.
+pub struct Registration {
+    id: Uuid,
+    running: Running,
+}
+
+impl CancelWatch {
+    /// Listens until `stop`.
+    pub fn start(db: PgPool, stop: CancellationToken) -> Self {
+        let watch = Self::default();
+        let running = watch.running.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = listen(db, running) => {}
+                () = stop.cancelled() => {}
+            }
+        });
+        watch
+    }
+
+    /// While the returned registration lives, a cancellation of `id`
+    /// cancels `token`.
+    pub fn register(&self, id: Uuid, token: CancellationToken) -> Registration {
+        lock(&self.running).insert(id, token);
+        Registration {
+            id,
+            running: self.running.clone(),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.running).remove(&self.id);
+    }
+}
+
+fn lock(running: &Running) -> MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    running.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn listen(db: PgPool, running: Running) {
+    loop {
+        match PgListener::connect_with(&db).await {
+            Ok(mut listener) => match listener.listen(CANCEL_CHANNEL).await {
+                Ok(()) => loop {
+                    match listener.try_recv().await {
+                        Ok(Some(note)) => {
+                            if let Ok(id) = Uuid::parse_str(note.payload())
+                                && let Some(token) = lock(&running).get(&id)
+                            {
+                                tracing::info!(job_id = %id, "cancelled: stopping its LLM call");
+                                token.cancel();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::debug!(error = %err, "cancel listener failed");
+                            break;
+                        }
+                    }
+                },
+                Err(err) => tracing::debug!(error = %err, "LISTEN for cancellations failed"),
+            },
+            Err(err) => tracing::debug!(error = %err, "cannot open the cancel listener"),
+        }
+        tokio::time::sleep(RELISTEN_DELAY).await;
+    }
+}
