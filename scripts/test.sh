@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
+# The official openai SDK, for the facade's tests (tests/python), in a venv
+# outside the clone so it is made once per machine.
+venv="${CHATQ_VENV:-/var/tmp/chatq-venv}"
+if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
+  if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv) >/dev/null
+    python3 -m venv --clear "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.57.0"
+fi
+export CHATQ_TEST_PYTHON="$venv/bin/python"
 # The end-to-end tests start the binaries as processes: build them first.
 cargo build --workspace --bins
 # Each e2e test starts 3+ processes; bound the parallelism on small machines.

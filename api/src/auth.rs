@@ -49,13 +49,9 @@ impl FromRequestParts<AppState> for Tenant {
                 state.keys.count_refusal();
                 return Err(ApiError::Unauthorized);
             }
-            None => match keys::find_active(&state.db, &hash).await? {
-                Some(key) => {
-                    state.keys.put(hash, Lookup::Known(key.clone()));
-                    key
-                }
+            None => match state.keys.look_up(&state.db, hash).await? {
+                Some(key) => key,
                 None => {
-                    state.keys.put(hash, Lookup::Unknown);
                     state.keys.count_refusal();
                     return Err(ApiError::Unauthorized);
                 }
@@ -99,6 +95,9 @@ type CachedKeys = HashMap<[u8; 32], (Lookup, Instant)>;
 pub struct KeyCache {
     keys: Arc<Mutex<CachedKeys>>,
     refusals: Arc<Mutex<RefusalTally>>,
+    /// Held while a key is looked up in PostgreSQL, so a burst of requests
+    /// with a key not cached yet costs one query, not one per request.
+    looking_up: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Refused credentials since the last log line.
@@ -109,6 +108,26 @@ struct RefusalTally {
 }
 
 impl KeyCache {
+    /// Looks the key up in PostgreSQL (and caches what it found), unless a
+    /// concurrent lookup just did.
+    async fn look_up(
+        &self,
+        db: &sqlx::PgPool,
+        hash: [u8; 32],
+    ) -> sqlx::Result<Option<keys::ActiveKey>> {
+        let _one_at_a_time = self.looking_up.lock().await;
+        match self.get(&hash) {
+            Some(Lookup::Known(key)) => Ok(Some(key)),
+            Some(Lookup::Unknown) => Ok(None),
+            None => {
+                let found = keys::find_active(db, &hash).await?;
+                let lookup = found.clone().map_or(Lookup::Unknown, Lookup::Known);
+                self.put(hash, lookup);
+                Ok(found)
+            }
+        }
+    }
+
     fn get(&self, hash: &[u8; 32]) -> Option<Lookup> {
         let keys = self.lock();
         let (key, at) = keys.get(hash)?;

@@ -130,7 +130,8 @@ impl ApiError {
         }
     }
 
-    fn retry_after_secs(&self) -> Option<u64> {
+    /// Seconds the client is asked to wait, for the answers that carry `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after_secs }
             | Self::QueueFull { retry_after_secs }

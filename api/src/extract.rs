@@ -246,7 +246,9 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::invalid("invalid path parameter"))?;
-        Uuid::parse_str(&raw)
+        // A completion id of the OpenAI facade names its job too.
+        let id = raw.strip_prefix("chatcmpl-").unwrap_or(&raw);
+        Uuid::parse_str(id)
             .map(Self)
             .map_err(|_| ApiError::invalid(format!("id: `{raw}` is not a UUID")))
     }

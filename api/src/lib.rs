@@ -6,9 +6,11 @@ pub mod batch;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod follow;
 pub mod hub;
 pub mod limits;
 pub mod notify;
+pub mod openai;
 pub mod publish;
 pub mod replay;
 pub mod routes;
@@ -101,6 +103,11 @@ pub struct ApiConfig {
     /// and metadata); a page stops early past it and `next_after` continues.
     #[arg(long, env = "CHATQ_MAX_PAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_page_bytes: usize,
+    /// Longest wait of a `/v1/chat/completions` request for its job, in
+    /// seconds; past it the client gets a timeout error and the job is
+    /// cancelled.
+    #[arg(long = "completions-timeout-secs", env = "CHATQ_COMPLETIONS_TIMEOUT_SECS", default_value = "600", value_parser = parse_secs)]
+    pub completions_timeout: Duration,
     /// Apply pending database migrations at start-up.
     #[arg(long, env = "CHATQ_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,

@@ -93,6 +93,14 @@ struct CachedCount {
 }
 
 impl CachedCount {
+    fn new(read: i64) -> Self {
+        Self {
+            read,
+            added: 0,
+            at: Instant::now(),
+        }
+    }
+
     fn fresh(&self) -> bool {
         self.at.elapsed() < COUNT_TTL
     }
@@ -103,9 +111,18 @@ impl CachedCount {
 pub struct Backlogs {
     tenants: Arc<Mutex<HashMap<Uuid, CachedCount>>>,
     outbox: Arc<Mutex<Option<CachedCount>>>,
+    /// Held while a count is read from PostgreSQL.
+    refresh: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Backlogs {
+    fn fresh_tenant_count(&self, tenant_id: Uuid) -> Option<i64> {
+        lock(&self.tenants)
+            .get(&tenant_id)
+            .filter(|c| c.fresh())
+            .map(|c| c.read + c.added)
+    }
+
     /// Refuses the submission (`429 queue_full`) when the tenant already has
     /// its share of the work queue waiting: `CHATQ_TENANT_QUEUE_SHARE` of
     /// `CHATQ_MAX_QUEUE_LENGTH`. So one tenant can never fill the queue for
@@ -114,24 +131,23 @@ impl Backlogs {
     /// share, and several replicas at most by what they accept in a second.
     pub async fn check_tenant_share(&self, state: &AppState, tenant: &Tenant) -> Checked {
         let share = tenant_share(state);
-        let cached = lock(&self.tenants).get(&tenant.id).copied();
-        let current = match cached {
-            Some(c) if c.fresh() => c.read + c.added,
-            _ => {
-                let read = jobs::queued_count_of_tenant(&state.db, tenant.id).await?;
-                let mut tenants = lock(&self.tenants);
-                if tenants.len() >= MAX_TRACKED_TENANTS {
-                    tenants.clear();
+        let current = match self.fresh_tenant_count(tenant.id) {
+            Some(current) => current,
+            None => {
+                // One refresh at a time: a burst must not send a count per request.
+                let _refreshing = self.refresh.lock().await;
+                match self.fresh_tenant_count(tenant.id) {
+                    Some(current) => current,
+                    None => {
+                        let read = jobs::queued_count_of_tenant(&state.db, tenant.id).await?;
+                        let mut tenants = lock(&self.tenants);
+                        if tenants.len() >= MAX_TRACKED_TENANTS {
+                            tenants.clear();
+                        }
+                        tenants.insert(tenant.id, CachedCount::new(read));
+                        read
+                    }
                 }
-                tenants.insert(
-                    tenant.id,
-                    CachedCount {
-                        read,
-                        added: 0,
-                        at: Instant::now(),
-                    },
-                );
-                read
             }
         };
         if current >= share {
@@ -160,17 +176,23 @@ impl Backlogs {
                 .max_outbox
                 .unwrap_or(state.config.amqp.max_queue_length),
         );
-        let cached = *lock(&self.outbox);
-        let current = match cached {
-            Some(c) if c.fresh() => c.read + c.added,
-            _ => {
-                let read = jobs::unpublished_count(&state.db).await?;
-                *lock(&self.outbox) = Some(CachedCount {
-                    read,
-                    added: 0,
-                    at: Instant::now(),
-                });
-                read
+        let fresh = || {
+            (*lock(&self.outbox))
+                .filter(CachedCount::fresh)
+                .map(|c| c.read + c.added)
+        };
+        let current = match fresh() {
+            Some(current) => current,
+            None => {
+                let _refreshing = self.refresh.lock().await;
+                match fresh() {
+                    Some(current) => current,
+                    None => {
+                        let read = jobs::unpublished_count(&state.db).await?;
+                        *lock(&self.outbox) = Some(CachedCount::new(read));
+                        read
+                    }
+                }
             }
         };
         if current >= limit {

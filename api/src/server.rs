@@ -305,7 +305,8 @@ fn is_long_lived(req: &Request) -> bool {
         return false;
     };
     match route.as_str() {
-        "/healthz" | "/v1/jobs/{id}/events" => true,
+        // The facade waits for the job, bounded by CHATQ_COMPLETIONS_TIMEOUT_SECS.
+        "/healthz" | "/v1/jobs/{id}/events" | "/v1/chat/completions" => true,
         "/v1/jobs/{id}" => req.method() == Method::GET && asks_to_wait(req.uri().query()),
         _ => false,
     }

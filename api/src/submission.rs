@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use chatq_common::db::submissions::{self, NewTurn};
 use chatq_common::db::{self, conversations, jobs};
-use chatq_common::domain::{Job, new_id};
+use chatq_common::domain::{Job, Priority, Role, new_id};
 use chatq_common::queue::QueueError;
 
 use crate::AppState;
@@ -30,6 +30,10 @@ pub struct TurnInput {
     pub max_tokens: Option<i32>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// The lane the job waits in.
+    pub priority: Priority,
+    /// Upstream sampling parameters forwarded unchanged (a JSON object).
+    pub sampling: Option<serde_json::Value>,
 }
 
 /// Where the turn goes.
@@ -38,6 +42,9 @@ pub enum Target {
     Existing(Uuid),
     /// A conversation created in the same transaction.
     New(NewConversation),
+    /// A conversation created with earlier turns (the OpenAI facade gets
+    /// the whole history in one request), in the same transaction.
+    NewWithHistory(NewConversation, Vec<(Role, String)>),
 }
 
 /// A client's `Idempotency-Key` and the hash of the request it came with.
@@ -106,7 +113,7 @@ pub async fn submit(
     crate::limits::check_rate(state, tenant).await?;
     state.backlogs.check_tenant_share(state, tenant).await?;
     state.backlogs.check_outbox(state).await?;
-    let created_conversation = matches!(target, Target::New(_));
+    let created_conversation = !matches!(target, Target::Existing(_));
     let job = match (
         store(state, tenant, target, turn, idempotency).await,
         idempotency,
@@ -167,11 +174,15 @@ async fn store(
     turn: TurnInput,
     idempotency: Option<&Idempotency>,
 ) -> Result<Job, SubmitError> {
-    let (conversation_id, new_conversation) = match target {
-        Target::Existing(id) => (id, None),
+    let (conversation_id, new_conversation, history) = match target {
+        Target::Existing(id) => (id, None, None),
         Target::New(new) => {
             let conversation = conversation_row(tenant, new);
-            (conversation.id, Some(conversation))
+            (conversation.id, Some(conversation), None)
+        }
+        Target::NewWithHistory(new, history) => {
+            let conversation = conversation_row(tenant, new);
+            (conversation.id, None, Some((conversation, history)))
         }
     };
     let turn = NewTurn {
@@ -185,14 +196,24 @@ async fn store(
         temperature: turn.temperature,
         message_id: new_id(),
         content: turn.content,
+        priority: turn.priority,
+        sampling: turn.sampling,
     };
-    let stored = match idempotency {
-        // Keyed submissions are rare and need their own conflict handling.
-        Some(i) => {
-            let keyed = (i.key.as_str(), i.request_hash.as_slice());
-            submissions::submit_one(&state.db, &turn, Some(keyed)).await
+    let keyed = idempotency.map(|i| (i.key.as_str(), i.request_hash.as_slice()));
+    let stored = match (history, keyed) {
+        // The conversation and its history first, then the turn: one transaction.
+        (Some((conversation, history)), keyed) => {
+            let mut tx = state.db.begin().await?;
+            submissions::insert_history(&mut *tx, &conversation, &history).await?;
+            let stored = submissions::submit_one(&mut *tx, &turn, keyed).await;
+            match stored {
+                Ok(job) => tx.commit().await.map(|()| job),
+                Err(err) => Err(err),
+            }
         }
-        None => state.batcher.submit(turn).await,
+        // Keyed submissions are rare and need their own conflict handling.
+        (None, Some(keyed)) => submissions::submit_one(&state.db, &turn, Some(keyed)).await,
+        (None, None) => state.batcher.submit(turn).await,
     };
     let stored = stored.map_err(|err| match db::violated_constraint(&err) {
         Some("jobs_one_active_per_conversation") => SubmitError::ConversationBusy,

@@ -89,6 +89,23 @@ pub struct Job {
     pub partial_content: Option<String>,
     /// The attempt `partial_content` belongs to.
     pub partial_attempt: Option<i32>,
+    /// Upstream sampling parameters forwarded unchanged (a JSON object).
+    pub sampling: Option<serde_json::Value>,
+    /// The lane the job waits in.
+    pub priority: Priority,
+}
+
+/// The lane a job waits in: batch work runs on capacity interactive work
+/// leaves idle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum Priority {
+    /// A person is waiting (the default).
+    #[default]
+    Interactive,
+    /// Nobody is waiting.
+    Batch,
 }
 
 /// A conversation row.

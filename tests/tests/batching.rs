@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chatq_common::db::submissions::{self, NewTurn};
-use chatq_common::domain::{Conversation, new_id};
+use chatq_common::domain::{Conversation, Priority, new_id};
 use chatq_tests::{EnvOptions, TestEnv};
 use serde_json::json;
 use uuid::Uuid;
@@ -21,6 +21,8 @@ fn turn(tenant_id: Uuid, conversation_id: Uuid, model: &str, content: &str) -> N
         temperature: None,
         message_id: new_id(),
         content: content.into(),
+        priority: Priority::Interactive,
+        sampling: None,
     }
 }
 

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chatq_tests::{Api, EnvOptions, TestEnv, eventually};
+use chatq_tests::{Api, EnvOptions, TestEnv, env_of, eventually};
 use futures_util::future::join_all;
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{Value, json};
@@ -22,13 +22,6 @@ use tokio::time::Instant;
 const MARGIN: Duration = Duration::from_secs(30);
 /// Longest wait for one answer the api should give at once.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
-
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
 
 /// The api's `host:port`.
 fn addr(env: &TestEnv) -> String {

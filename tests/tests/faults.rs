@@ -5,17 +5,10 @@
 use std::time::Duration;
 
 use chatq_tests::proxy::FaultProxy;
-use chatq_tests::{EnvOptions, TestEnv, eventually};
+use chatq_tests::{EnvOptions, TestEnv, env_of, eventually};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
 
 /// Submits `n` one-shot chats; returns their job ids.
 async fn submit_chats(

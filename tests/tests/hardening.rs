@@ -6,17 +6,10 @@
 use std::time::Duration;
 
 use chatq_tests::proxy::FaultProxy;
-use chatq_tests::{EnvOptions, TestEnv, eventually};
+use chatq_tests::{EnvOptions, TestEnv, env_of, eventually};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn env_of(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
 
 async fn chat(env: &TestEnv, key: &str, content: &str) -> anyhow::Result<String> {
     let r = env
@@ -134,9 +127,11 @@ async fn a_job_whose_last_attempt_lost_its_worker_fails_instead_of_running_again
     .await?;
     let first = env.start_worker(&[]).await?;
     let id = chat(&env, &key, "[mock:hang]").await?;
-    eventually("the job to be running", DEADLINE, || async {
+    // Running, and its call reached the LLM (the claim comes first).
+    eventually("the job's LLM call to be in flight", DEADLINE, || async {
         let running = count(&env, "select count(*) from jobs where status = 'running'").await?;
-        Ok((running == 1).then_some(()))
+        let calls = env.mock_stats().await?["total"].as_i64().unwrap_or(0);
+        Ok((running == 1 && calls == 1).then_some(()))
     })
     .await?;
     env.signal_worker(first, "KILL").await?;

@@ -44,6 +44,10 @@ pub struct ChatRequest {
     /// Sampling temperature.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
+    /// Other sampling parameters, forwarded unchanged (`top_p`, `stop`,
+    /// `seed`, penalties, `user`, `max_completion_tokens`).
+    #[serde(flatten)]
+    pub sampling: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What the LLM answered.

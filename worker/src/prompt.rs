@@ -26,8 +26,9 @@ pub fn build(
         let role = match m.role {
             Role::User => "user",
             Role::Assistant => "assistant",
-            // A stored system message is covered by the conversation's system prompt.
-            Role::System => continue,
+            // Instructions given mid-conversation (the OpenAI facade stores
+            // them); the leading ones are the conversation's system prompt.
+            Role::System => "system",
         };
         let len = m.content.chars().count();
         if len > remaining && !kept.is_empty() {

@@ -286,6 +286,10 @@ async fn load_request(ctx: &JobContext, job: &Job) -> sqlx::Result<Option<ChatRe
         messages: prompt::build(system_prompt.as_deref(), history, ctx.config.history_chars),
         max_tokens: job.max_tokens,
         temperature: job.temperature,
+        sampling: match &job.sampling {
+            Some(serde_json::Value::Object(map)) => map.clone(),
+            _ => serde_json::Map::new(),
+        },
     }))
 }
 

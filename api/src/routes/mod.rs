@@ -5,7 +5,8 @@ pub(crate) mod conversations;
 mod events;
 mod health;
 mod jobs;
-mod submit;
+mod openai;
+pub(crate) mod submit;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -34,6 +35,9 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::events))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
         .route("/admin/v1/api-keys", post(admin::create_key))
         .route(
             "/admin/v1/api-keys/{id}",

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use chatq_common::domain::Job;
+use chatq_common::domain::{Job, Priority};
 
 use super::conversations::{validate_model, validate_new_conversation};
 use crate::AppState;
@@ -32,6 +32,9 @@ pub struct SubmitBody {
     model: Option<String>,
     max_tokens: Option<i64>,
     temperature: Option<f64>,
+    // Left out of the idempotency hash when absent, as before it existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<Priority>,
 }
 
 /// Body of `POST /v1/chat`: a conversation and its first message at once.
@@ -44,6 +47,8 @@ pub struct ChatBody {
     max_tokens: Option<i64>,
     temperature: Option<f64>,
     metadata: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<Priority>,
 }
 
 /// `POST /v1/conversations/{id}/messages` → 202 job.
@@ -55,13 +60,14 @@ pub async fn submit(
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> ApiResult<Response> {
     let idempotency = idempotency(&headers, &("messages", conversation_id, &body))?;
-    let turn = validate_turn(
+    let mut turn = validate_turn(
         &state,
         body.content,
         body.model,
         body.max_tokens,
         body.temperature,
     )?;
+    turn.priority = body.priority.unwrap_or_default();
     let job = submission::submit(
         &state,
         &tenant,
@@ -81,13 +87,14 @@ pub async fn chat(
     JsonBody(body): JsonBody<ChatBody>,
 ) -> ApiResult<Response> {
     let idempotency = idempotency(&headers, &("chat", &body))?;
-    let turn = validate_turn(
+    let mut turn = validate_turn(
         &state,
         body.content,
         None,
         body.max_tokens,
         body.temperature,
     )?;
+    turn.priority = body.priority.unwrap_or_default();
     let new = validate_new_conversation(&state, body.system_prompt, body.model, body.metadata)?;
     let job = submission::submit(
         &state,
@@ -138,6 +145,8 @@ pub fn validate_turn(
         model,
         max_tokens,
         temperature,
+        priority: Priority::default(),
+        sampling: None,
     })
 }
 

@@ -5,7 +5,7 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::domain::{Conversation, Job};
+use crate::domain::{Conversation, Job, Priority, Role};
 
 /// Stores one turn (creating its conversation if `turn.new_conversation` is
 /// set) with its queued job, in one statement. The job's model defaults to
@@ -31,8 +31,10 @@ pub async fn submit_one(
              select id, model from conversations where tenant_id = $2 and id = $3 and not $14
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               idempotency_key, request_hash)
-             select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8 from conv
+                               idempotency_key, request_hash, priority, sampling)
+             select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8,
+                    $15, $16
+             from conv
              returning *
          ), msg as (
              insert into messages (id, tenant_id, conversation_id, role, content, job_id)
@@ -54,8 +56,47 @@ pub async fn submit_one(
     .bind(c.map(|c| c.model.as_str()))
     .bind(c.map(|c| &c.metadata))
     .bind(c.is_some())
+    .bind(turn.priority)
+    .bind(&turn.sampling)
     .fetch_optional(db)
     .await
+}
+
+/// Stores earlier turns of a conversation being created (the OpenAI facade
+/// receives the whole history in one request): the conversation and its
+/// messages, in order. Call in the transaction that then submits the last
+/// turn to it with [`submit_one`].
+pub async fn insert_history(
+    db: impl PgExecutor<'_>,
+    conversation: &Conversation,
+    messages: &[(Role, String)],
+) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = messages.iter().map(|_| crate::domain::new_id()).collect();
+    let roles: Vec<Role> = messages.iter().map(|(r, _)| *r).collect();
+    let contents: Vec<&str> = messages.iter().map(|(_, c)| c.as_str()).collect();
+    sqlx::query(
+        "with conv as (
+             insert into conversations (id, tenant_id, system_prompt, model, metadata)
+             values ($1, $2, $3, $4, $5)
+             returning id, tenant_id
+         )
+         insert into messages (id, tenant_id, conversation_id, role, content)
+         select m.id, conv.tenant_id, conv.id, m.role, m.content
+         from conv, unnest($6::uuid[], $7::text[], $8::text[]) with ordinality
+             as m(id, role, content, n)
+         order by m.n",
+    )
+    .bind(conversation.id)
+    .bind(conversation.tenant_id)
+    .bind(&conversation.system_prompt)
+    .bind(&conversation.model)
+    .bind(&conversation.metadata)
+    .bind(ids)
+    .bind(roles)
+    .bind(contents)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// A turn to submit: for an existing conversation of the tenant, or for a
@@ -80,6 +121,10 @@ pub struct NewTurn {
     pub message_id: Uuid,
     /// The user's text.
     pub content: String,
+    /// Lane: `interactive` or `batch`.
+    pub priority: Priority,
+    /// Upstream sampling parameters forwarded unchanged (a JSON object).
+    pub sampling: Option<serde_json::Value>,
 }
 
 /// Stores many turns with one statement (one round trip, one commit) and
@@ -101,6 +146,8 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     let mut temperatures = Vec::with_capacity(n);
     let mut message_ids = Vec::with_capacity(n);
     let mut contents = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut samplings = Vec::with_capacity(n);
     for t in turns {
         job_ids.push(t.job_id);
         tenant_ids.push(t.tenant_id);
@@ -115,15 +162,17 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
         temperatures.push(t.temperature);
         message_ids.push(t.message_id);
         contents.push(t.content.as_str());
+        priorities.push(t.priority);
+        samplings.push(t.sampling.clone());
     }
     sqlx::query_as(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bool[], $5::text[],
                                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::float8[],
-                                  $11::uuid[], $12::text[])
+                                  $11::uuid[], $12::text[], $13::text[], $14::jsonb[])
                  as t(job_id, tenant_id, conversation_id, is_new, system_prompt,
                       conversation_model, metadata, model, max_tokens, temperature,
-                      message_id, content)
+                      message_id, content, priority, sampling)
          ), new_conv as (
              insert into conversations (id, tenant_id, system_prompt, model, metadata)
              select conversation_id, tenant_id, system_prompt, conversation_model, metadata
@@ -136,9 +185,11 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
              where (c.tenant_id, c.id) in
                    (select tenant_id, conversation_id from input where not is_new)
          ), job as (
-             insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature)
+             insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
+                               priority, sampling)
              select i.job_id, i.tenant_id, i.conversation_id,
-                    coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature
+                    coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature,
+                    i.priority, i.sampling
              from input i
              join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
              on conflict do nothing
@@ -162,6 +213,8 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     .bind(temperatures)
     .bind(message_ids)
     .bind(contents)
+    .bind(priorities)
+    .bind(samplings)
     .fetch_all(db)
     .await
 }
