@@ -53,7 +53,9 @@ if [ "$use_mock" = 1 ]; then
 fi
 CHATQ_MIGRATE_ON_START=false "$bin/chatq-api" >"$logs/api.out" 2>"$logs/api.log" & pids+=($!)
 for i in $(seq 1 "$workers"); do
-  "$bin/chatq-worker" >"$logs/worker-$i.out" 2>"$logs/worker-$i.log" & pids+=($!)
+  # Each worker its own metrics port: 9091, 9092, ...
+  CHATQ_WORKER_METRICS_ADDR="127.0.0.1:$((9090 + i))" \
+    "$bin/chatq-worker" >"$logs/worker-$i.out" 2>"$logs/worker-$i.log" & pids+=($!)
 done
 
 url="http://$CHATQ_API_ADDR"

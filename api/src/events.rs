@@ -41,14 +41,17 @@ async fn run(
             Ok(mut events) => {
                 delay = Duration::from_millis(100);
                 // Jobs subscribed while the broker was away, or on the old queue.
+                let mut rebound = true;
                 for id in hub.text_jobs() {
                     if let Err(err) = events.bind(id).await {
-                        tracing::warn!(error = %err, "binding streamed text failed");
+                        tracing::warn!(error = %err, "binding streamed text failed; reconnecting");
+                        rebound = false;
+                        break;
                     }
                 }
                 // Text may have been missed meanwhile: subscribers re-read the rows.
                 hub.changed_all();
-                let lost = serve(&mut events, hub, &mut commands).await;
+                let lost = !rebound || serve(&mut events, hub, &mut commands).await;
                 events.close().await;
                 if !lost {
                     return;

@@ -133,6 +133,9 @@ impl Follower {
             && let (Some(attempt), Some(text)) = (job.partial_attempt, &job.partial_content)
         {
             self.advance(attempt, text).await?;
+        } else if job.status != JobStatus::Running {
+            // The attempt whose pieces wait here ended: its gap never fills.
+            self.pending.clear();
         }
         Ok(())
     }

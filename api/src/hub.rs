@@ -18,6 +18,9 @@ use uuid::Uuid;
 
 use chatq_common::domain::DeltaEvent;
 
+/// Longest wait for a job's text to be routed here before a subscriber
+/// goes on without it (it then joins from the row).
+const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Events buffered per job for a slow subscriber before it lags.
 const CHANNEL_CAPACITY: usize = 256;
 
@@ -60,7 +63,9 @@ pub struct JobHub {
 pub struct JobSubscription {
     id: Uuid,
     wants_text: bool,
-    rx: broadcast::Receiver<JobEvent>,
+    /// Taken (dropped) under the registry lock when unsubscribing, so the
+    /// receiver count the last one sees is exact.
+    rx: Option<broadcast::Receiver<JobEvent>>,
     hub: JobHub,
 }
 
@@ -87,7 +92,8 @@ impl JobHub {
         if first {
             let (tx, rx) = oneshot::channel();
             if self.binds.send(BindCommand::Bind(id, Some(tx))).is_ok() {
-                let _ = rx.await;
+                // Text missed meanwhile is recovered from the row.
+                let _ = tokio::time::timeout(BIND_WAIT, rx).await;
             }
         }
         sub
@@ -106,7 +112,7 @@ impl JobHub {
         let sub = JobSubscription {
             id,
             wants_text,
-            rx: entry.tx.subscribe(),
+            rx: Some(entry.tx.subscribe()),
             hub: self.clone(),
         };
         (sub, first)
@@ -155,7 +161,10 @@ impl JobSubscription {
     /// The next event; a subscriber that fell behind hears
     /// [`JobEvent::Lagged`].
     pub async fn next(&mut self) -> JobEvent {
-        match self.rx.recv().await {
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        match rx.recv().await {
             Ok(event) => event,
             Err(broadcast::error::RecvError::Lagged(_)) => JobEvent::Lagged,
             // The hub keeps the sender while a subscription lives.
@@ -185,8 +194,8 @@ impl Drop for JobSubscription {
                 let _ = self.hub.binds.send(BindCommand::Unbind(self.id));
             }
         }
-        // This subscription's receiver is still alive here: 1 means it is the last.
-        if entry.tx.receiver_count() <= 1 {
+        drop(self.rx.take());
+        if entry.tx.receiver_count() == 0 {
             jobs.remove(&self.id);
         }
     }

@@ -9,6 +9,7 @@ pub mod extract;
 pub mod follow;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod notify;
 pub mod openai;
 pub mod publish;
@@ -138,6 +139,8 @@ pub struct AppState {
     pub backlogs: limits::Backlogs,
     /// Settings.
     pub config: Arc<ApiConfig>,
+    /// Prometheus metrics of this process.
+    pub metrics: Arc<metrics::ApiMetrics>,
     /// Cancelled when the api shuts down: open event streams end on it.
     pub shutdown: CancellationToken,
 }
@@ -167,6 +170,7 @@ impl AppState {
             hub,
             backlogs: limits::Backlogs::default(),
             config: Arc::new(config),
+            metrics: Arc::default(),
             shutdown: shutdown.clone(),
         })
     }
@@ -175,6 +179,7 @@ impl AppState {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let limits = server::RequestLimits::new(&state.config);
+    let metrics = Arc::clone(&state.metrics);
     routes::router()
         // The JSON extractor enforces CHATQ_MAX_BODY_BYTES itself, draining
         // what it refuses so clients can read the 413.
@@ -191,6 +196,11 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             limits,
             server::limit_request,
+        ))
+        // Outermost: shed and timed-out requests are counted too.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track_http,
         ))
         .with_state(state)
 }

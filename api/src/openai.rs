@@ -79,10 +79,13 @@ impl OpenAiError {
                     .error_code
                     .clone()
                     .unwrap_or_else(|| "internal_error".into());
-                let status = if code.starts_with("llm_") {
-                    StatusCode::BAD_GATEWAY
-                } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
+                // The provider refused the request itself (e.g. too long a
+                // context): a 400 as OpenAI would answer it, which the SDKs
+                // do not retry. Other LLM failures are upstream errors.
+                let status = match code.as_str() {
+                    "llm_rejected" => StatusCode::BAD_REQUEST,
+                    c if c.starts_with("llm_") => StatusCode::BAD_GATEWAY,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
                 };
                 let message = job
                     .error_message
@@ -91,10 +94,15 @@ impl OpenAiError {
                 (status, code, message)
             }
         };
+        let kind = if status == StatusCode::BAD_REQUEST {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
         Self {
             status,
             message,
-            kind: "server_error",
+            kind,
             param: None,
             code: Some(code),
             retry_after_secs: None,

@@ -299,14 +299,16 @@ pub async fn limit_request(
 /// Requests exempt from the in-flight cap and the handling timeout: they
 /// wait by design (long-poll up to 60 s, an SSE stream) while holding no
 /// database connection, so the connection cap bounds them. `/healthz` costs
-/// nothing and must answer even while the process sheds load.
+/// nothing and must answer even while the process sheds load; `/metrics`
+/// too, since an overload is when operators need it (its database and
+/// broker reads are cached and bounded by their own timeout).
 fn is_long_lived(req: &Request) -> bool {
     let Some(route) = req.extensions().get::<MatchedPath>() else {
         return false;
     };
     match route.as_str() {
         // The facade waits for the job, bounded by CHATQ_COMPLETIONS_TIMEOUT_SECS.
-        "/healthz" | "/v1/jobs/{id}/events" | "/v1/chat/completions" => true,
+        "/healthz" | "/metrics" | "/v1/jobs/{id}/events" | "/v1/chat/completions" => true,
         "/v1/jobs/{id}" => req.method() == Method::GET && asks_to_wait(req.uri().query()),
         _ => false,
     }

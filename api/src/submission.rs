@@ -96,8 +96,20 @@ impl From<SubmitError> for ApiError {
 }
 
 /// Stores the turn and its job, publishes it; the job (the original one
-/// for an idempotent replay).
+/// for an idempotent replay). Every outcome is counted in the metrics.
 pub async fn submit(
+    state: &AppState,
+    tenant: &Tenant,
+    target: Target,
+    turn: TurnInput,
+    idempotency: Option<&Idempotency>,
+) -> Result<Job, SubmitError> {
+    let submitted = submit_uncounted(state, tenant, target, turn, idempotency).await;
+    state.metrics.record_submission(&submitted);
+    submitted
+}
+
+async fn submit_uncounted(
     state: &AppState,
     tenant: &Tenant,
     target: Target,

@@ -5,6 +5,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod group;
+pub mod metrics;
 pub mod queue;
 pub mod telemetry;
 

@@ -108,6 +108,8 @@ pub struct TestEnv {
     api_proc: Child,
     mock_proc: Child,
     workers: Vec<Child>,
+    /// Each worker's metrics URL, once it has printed it.
+    worker_metrics: Vec<tokio::sync::watch::Receiver<Option<String>>>,
     worker_env: Vec<(String, String)>,
     cleaned: bool,
 }
@@ -129,6 +131,23 @@ pub async fn read_listen_line(child: &mut Child, what: &str) -> anyhow::Result<S
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(url)
+}
+
+/// Drains a worker's stdout, publishing the URL of its
+/// `chatq-worker metrics listening on http://IP:PORT` line.
+fn watch_metrics_line(child: &mut Child) -> tokio::sync::watch::Receiver<Option<String>> {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("chatq-worker metrics listening on ") {
+                    tx.send_replace(Some(url.trim().to_owned()));
+                }
+            }
+        });
+    }
+    rx
 }
 
 fn command(name: &str, envs: &[(String, String)]) -> Command {
@@ -192,6 +211,8 @@ impl TestEnv {
         worker_env.push(("OPENAI_BASE_URL".into(), format!("{mock_url}/v1")));
         worker_env.push(("CHATQ_RELAY_GRACE_SECS".into(), "2".into()));
         worker_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), "4".into()));
+        // Several workers (and tests) share this machine: any free port.
+        worker_env.push(("CHATQ_WORKER_METRICS_ADDR".into(), "127.0.0.1:0".into()));
         worker_env.extend(opts.worker_env.iter().cloned());
 
         let db = sqlx::postgres::PgPoolOptions::new()
@@ -208,6 +229,7 @@ impl TestEnv {
             api_proc,
             mock_proc,
             workers: vec![],
+            worker_metrics: vec![],
             worker_env,
             cleaned: false,
         };
@@ -242,12 +264,24 @@ impl TestEnv {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
-        let child = command("chatq-worker", &envs)
+        let mut child = command("chatq-worker", &envs)
             .args(args)
             .spawn()
             .context("starting chatq-worker")?;
+        self.worker_metrics.push(watch_metrics_line(&mut child));
         self.workers.push(child);
         Ok(self.workers.len() - 1)
+    }
+
+    /// Base URL of worker `i`'s metrics listener (`/metrics`, `/healthz`,
+    /// `/readyz`), as the worker printed it.
+    pub async fn worker_metrics_url(&self, i: usize) -> anyhow::Result<String> {
+        let mut rx = self.worker_metrics[i].clone();
+        let url = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(Option::is_some))
+            .await
+            .with_context(|| format!("worker {i} printed no metrics address within 60 s"))?
+            .with_context(|| format!("worker {i} exited before printing its metrics address"))?;
+        Ok(url.clone().unwrap_or_default())
     }
 
     /// Sends a signal (`"TERM"`, `"KILL"`) to worker `i`.

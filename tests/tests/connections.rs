@@ -453,6 +453,10 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_long_polls
     )
     .await?;
 
+    // The held request must take the slot first (on a loaded machine the
+    // server may parse the next connection before it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
     // Act + Assert: the next request is shed at once...
     let shed = eventually("a request shed with 503", MARGIN, || async {
         let r = api.get("/v1/conversations", &key).await?;

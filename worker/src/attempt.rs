@@ -25,7 +25,7 @@ use chatq_common::domain::DeltaEvent;
 
 use crate::llm::{ChatRequest, Completion, LlmError};
 use crate::retry;
-use crate::runner::{IN_PROCESS_RETRY_MAX, JobContext};
+use crate::runner::{IN_PROCESS_RETRY_MAX, JobContext, with_db_retry};
 
 /// Longest time streamed text waits before it is published (the first
 /// piece of a burst goes out at once).
@@ -98,9 +98,14 @@ pub async fn call_with_retries(
             Attempt::Answered(result, partial) => (result, partial),
             Attempt::Stopped(call) => return call,
         };
-        let latency_ms = started.elapsed().as_millis();
+        let elapsed = started.elapsed();
+        let latency_ms = elapsed.as_millis();
+        ctx.metrics
+            .llm_call(elapsed, result.as_ref().err().map(LlmError::code));
         let err = match result {
             Ok(completion) => {
+                ctx.metrics
+                    .llm_tokens(completion.prompt_tokens, completion.completion_tokens);
                 tracing::info!(llm.latency_ms = latency_ms, attempt, "LLM call succeeded");
                 return Call::Finished(Ok(completion));
             }
@@ -110,21 +115,34 @@ pub async fn call_with_retries(
         let failed = Failed { err, partial };
         let delay = match next_step(&failed.err, attempt, max_attempts) {
             Next::GiveUp => return Call::Finished(Err(failed)),
-            Next::InBroker(delay) => return Call::Deferred { failed, delay },
-            Next::InProcess(delay) => delay,
+            Next::InBroker(delay) => {
+                ctx.metrics.retry(failed.err.code(), true);
+                return Call::Deferred { failed, delay };
+            }
+            Next::InProcess(delay) => {
+                ctx.metrics.retry(failed.err.code(), false);
+                delay
+            }
         };
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stops.lost.cancelled() => return Call::Lost,
             () = stops.abandon.cancelled() => return Call::Abandoned,
         }
-        match jobs::retry_attempt(&ctx.db, job_id, token, ctx.config.lease, &failed.end()).await {
+        let end = failed.end();
+        let recorded = with_db_retry("record the retry attempt", || {
+            jobs::retry_attempt(&ctx.db, job_id, token, ctx.config.lease, &end)
+        })
+        .await;
+        match recorded {
             Ok(true) => attempt += 1,
             Ok(false) => return Call::Lost,
-            // The heartbeat keeps the claim; count the attempt locally.
+            // The row must hold the attempt number streamed text is tagged
+            // with: without it, give the job up to the lease, which ends the
+            // attempt and counts it.
             Err(e) => {
-                tracing::warn!(error = %e, "could not record the retry attempt");
-                attempt += 1;
+                tracing::warn!(error = %e, "could not record the retry attempt; leaving the job to recovery");
+                return Call::Lost;
             }
         }
     }
@@ -167,8 +185,14 @@ async fn one_attempt(
     stops: Stops<'_>,
 ) -> Attempt {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let started = Instant::now();
+    let mut first_piece = true;
     let call = async move {
         let mut sink = |text: &str| {
+            if first_piece && !text.is_empty() {
+                first_piece = false;
+                ctx.metrics.llm_first_token(started.elapsed());
+            }
             let _ = tx.send(text.to_owned());
         };
         // Dropping the call (lost, abandoned) closes the upstream connection.

@@ -6,6 +6,7 @@ pub mod cancels;
 pub mod consumer;
 pub mod controls;
 pub mod llm;
+pub mod metrics;
 pub mod prompt;
 pub mod recovery;
 pub mod retry;
@@ -71,6 +72,14 @@ pub struct WorkerConfig {
     /// it above the longest retry delay (60 s).
     #[arg(long = "republish-after-secs", env = "CHATQ_REPUBLISH_AFTER_SECS", default_value = "300", value_parser = parse_secs)]
     pub republish_after: Duration,
+    /// Listen address of `/metrics`, `/healthz` and `/readyz` (port 0: any
+    /// free port; the bound address is printed at start).
+    #[arg(
+        long,
+        env = "CHATQ_WORKER_METRICS_ADDR",
+        default_value = "127.0.0.1:9091"
+    )]
+    pub metrics_addr: String,
 }
 
 /// Runs the worker until `shutdown` (or, with `drain`, until the queue is
@@ -96,6 +105,15 @@ pub async fn run(
         max_attempts: config.max_attempts,
     };
     let stop_background = CancellationToken::new();
+    let metrics = Arc::new(metrics::WorkerMetrics::new(config.concurrency));
+    metrics::start(
+        &config.metrics_addr,
+        Arc::clone(&metrics),
+        db.clone(),
+        publisher.clone(),
+        stop_background.clone(),
+    )
+    .await;
     let ctx = Arc::new(runner::JobContext {
         paused: controls::watch_pause(db.clone(), stop_background.clone()).await,
         store: store::JobStore::start(db.clone(), config.lease),
@@ -103,6 +121,7 @@ pub async fn run(
         llm,
         publisher: publisher.clone(),
         cancels: cancels::CancelWatch::start(db.clone(), stop_background.clone()),
+        metrics,
         config,
     });
 

@@ -19,6 +19,7 @@ use chatq_common::queue::Publisher;
 use crate::attempt::{Call, Failed, Stops, call_with_retries};
 use crate::cancels::CancelWatch;
 use crate::llm::{ChatRequest, Completion, LlmClient};
+use crate::metrics::{JobOutcome, WorkerMetrics};
 use crate::store::JobStore;
 use crate::{WorkerConfig, prompt};
 
@@ -36,6 +37,8 @@ pub struct JobContext {
     pub publisher: Publisher,
     /// Stops the calls of cancelled jobs at once.
     pub cancels: CancelWatch,
+    /// Prometheus metrics of this process.
+    pub metrics: Arc<WorkerMetrics>,
     /// Settings.
     pub config: WorkerConfig,
 }
@@ -89,8 +92,13 @@ pub async fn run_job(
     id: Uuid,
     abandon: &CancellationToken,
 ) -> sqlx::Result<Outcome> {
+    let _in_flight = ctx.metrics.job_started();
     let token = Uuid::new_v4();
     let lease = ctx.config.lease;
+    // Registered before the claim: a cancellation announced from here on
+    // stops the call at once.
+    let lost = CancellationToken::new();
+    let _registered = ctx.cancels.register(id, lost.clone());
     let job = match claim_when_unpaused(ctx, id, token, abandon).await? {
         Claimed::Job(job) => *job,
         Claimed::Not(outcome) => return Ok(outcome),
@@ -104,8 +112,6 @@ pub async fn run_job(
     // Heartbeat: keeps the lease while the call runs; stops the call if the
     // claim is lost (cancelled, conversation deleted, reclaimed). A
     // cancellation's notification stops it at once.
-    let lost = CancellationToken::new();
-    let _registered = ctx.cancels.register(id, lost.clone());
     let heartbeat = tokio::spawn(
         heartbeat(ctx.db.clone(), id, token, lease, lost.clone())
             .instrument(tracing::Span::current()),
@@ -119,12 +125,14 @@ pub async fn run_job(
 
     match called {
         Call::Lost => {
+            ctx.metrics.job_finished(JobOutcome::Discarded);
             tracing::info!(job_id = %id, "claim lost (cancelled or reclaimed); result discarded");
             Ok(Outcome::Done)
         }
         Call::Deferred { failed, delay } => defer(ctx, id, token, &failed, delay).await,
         Call::Abandoned => {
             with_db_retry("release", || jobs::release(&ctx.db, id, token)).await?;
+            ctx.metrics.job_finished(JobOutcome::Released);
             tracing::info!(job_id = %id, "released unfinished job back to the queue");
             Ok(Outcome::Released)
         }
@@ -144,8 +152,10 @@ async fn defer(
     let end = failed.end();
     let deferred = with_db_retry("defer", || jobs::defer(&ctx.db, id, token, &end)).await?;
     if !deferred {
+        ctx.metrics.job_finished(JobOutcome::Discarded);
         return Ok(Outcome::Done);
     }
+    ctx.metrics.job_finished(JobOutcome::Deferred);
     match ctx.publisher.publish_delayed(id, delay).await {
         Ok(wait) => {
             if let Err(e) = jobs::mark_published(&ctx.db, id).await {
@@ -193,8 +203,10 @@ async fn succeed(
         Err(err) => return Err(err),
     };
     if written {
+        ctx.metrics.job_finished(JobOutcome::Succeeded);
         tracing::info!(job_id = %id, "job succeeded");
     } else {
+        ctx.metrics.job_finished(JobOutcome::Discarded);
         tracing::info!(job_id = %id, "claim lost before the result was written; discarded");
     }
     Ok(Outcome::Done)
@@ -210,9 +222,11 @@ async fn end_failed(
 ) -> sqlx::Result<Outcome> {
     let failed = with_db_retry("mark failed", || jobs::fail(&ctx.db, id, token, end)).await?;
     if failed {
+        ctx.metrics.job_finished(JobOutcome::Failed);
         tracing::warn!(job_id = %id, code = end.code, "job failed");
         Ok(Outcome::Failed)
     } else {
+        ctx.metrics.job_finished(JobOutcome::Discarded);
         Ok(Outcome::Done)
     }
 }

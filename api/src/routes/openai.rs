@@ -126,6 +126,10 @@ async fn wait_for_completion(
         tokio::select! {
             () = changes.changed() => {}
             () = tokio::time::sleep_until(recheck) => {}
+            // The api is stopping: the guard cancels the job; the SDK retries the 503.
+            () = state.shutdown.cancelled() => {
+                return Err(ApiError::Unavailable("the api (shutting down)").into());
+            }
         }
     }
     guard.disarm();
@@ -220,11 +224,7 @@ async fn translate(
                     }
                 }
                 None => {
-                    let body = json!({"error": {
-                        "message": "the model's answer was interrupted and its retry said something else; the job was cancelled",
-                        "type": "server_error", "param": null, "code": "stream_diverged",
-                    }});
-                    let _ = send(body).await;
+                    let _ = send(diverged()).await;
                     return;
                 }
             },
@@ -233,6 +233,12 @@ async fn translate(
                     guard.disarm();
                     let _ = send(OpenAiError::from_job(&done).body()).await;
                     return;
+                }
+                if done.result_content.as_deref().unwrap_or_default() != text.sent {
+                    // A retry shorter than what was sent: the client holds
+                    // text that is not the answer.
+                    let _ = send(diverged()).await;
+                    return; // the job already succeeded; nothing to cancel
                 }
                 guard.disarm();
                 let finish = done.finish_reason.as_deref().unwrap_or("stop");
@@ -246,6 +252,15 @@ async fn translate(
             }
         }
     }
+}
+
+/// The error event of a stream whose retry said something else than what
+/// the client was sent.
+fn diverged() -> Value {
+    json!({"error": {
+        "message": "the model's answer was interrupted and its retry said something else",
+        "type": "server_error", "param": null, "code": "stream_diverged",
+    }})
 }
 
 /// What an OpenAI client has been sent, and a retry's text checked

@@ -1,0 +1,358 @@
+//! The api's Prometheus metrics, served on `GET /metrics` (no auth, exempt
+//! from the in-flight cap and the handling timeout, like `/healthz`).
+//!
+//! Request counts and latencies are recorded by [`track_http`]; submission
+//! outcomes by [`ApiMetrics::record_submission`]. Queue and job gauges come
+//! from the broker and PostgreSQL, read at most once per [`SAMPLE_EVERY`] by
+//! a scrape and cached, so a scrape never costs a query per job and a
+//! process nobody scrapes reads nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use chatq_common::db::jobs;
+use chatq_common::metrics::{CONTENT_TYPE, HistogramFamily, fast_histogram, render};
+
+use crate::AppState;
+use crate::limits::Refusal;
+use crate::submission::SubmitError;
+
+/// Longest a cached queue and job sample is served before a scrape reads
+/// the broker and PostgreSQL again.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// Longest a scrape waits for a fresh sample; past it the cached values
+/// are served.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Labels of one HTTP request: route template (never the raw path), method
+/// and status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: &'static str,
+    route: String,
+    status: u16,
+}
+
+/// Why a submission was rejected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// A job status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+/// Every metric the api exports.
+pub struct ApiMetrics {
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: HistogramFamily<HttpLabels>,
+    submissions_accepted: Counter,
+    submissions_rejected: Family<ReasonLabels, Counter>,
+    sse_subscribers: Gauge,
+    queue_messages: Gauge,
+    queue_consumers: Gauge,
+    dead_letter_messages: Gauge,
+    jobs: Family<StatusLabels, Gauge>,
+    oldest_queued_age: Gauge<f64, AtomicU64>,
+    outbox_backlog: Gauge,
+    sample_errors: Counter,
+    /// When the broker and database were last sampled; held across the
+    /// sample so concurrent scrapes share one.
+    sampled_at: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for ApiMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiMetrics {
+    /// A registry with every api metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "chatq_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            http_requests.clone(),
+        );
+        let http_duration = HistogramFamily::<HttpLabels>::new_with_constructor(fast_histogram);
+        registry.register(
+            "chatq_http_request_duration_seconds",
+            "Time to answer an HTTP request (to the response head; streams excluded), by method, route template and status",
+            http_duration.clone(),
+        );
+        let submissions_accepted = Counter::default();
+        registry.register(
+            "chatq_submissions_accepted",
+            "Chat turns accepted and queued (idempotent replays included)",
+            submissions_accepted.clone(),
+        );
+        let submissions_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "chatq_submissions_rejected",
+            "Chat turns refused after validation, by reason",
+            submissions_rejected.clone(),
+        );
+        let sse_subscribers = Gauge::default();
+        registry.register(
+            "chatq_sse_subscribers",
+            "Open job event subscriptions (SSE streams, long-polls, facade waits) in this process",
+            sse_subscribers.clone(),
+        );
+        let queue_messages = Gauge::default();
+        registry.register(
+            "chatq_queue_messages",
+            "Messages ready in the work queue (sampled from the broker)",
+            queue_messages.clone(),
+        );
+        let queue_consumers = Gauge::default();
+        registry.register(
+            "chatq_queue_consumers",
+            "Consumers of the work queue (sampled from the broker)",
+            queue_consumers.clone(),
+        );
+        let dead_letter_messages = Gauge::default();
+        registry.register(
+            "chatq_dead_letter_messages",
+            "Messages in the dead-letter queue (sampled from the broker)",
+            dead_letter_messages.clone(),
+        );
+        let jobs = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "chatq_jobs",
+            "Jobs in PostgreSQL by status (sampled)",
+            jobs.clone(),
+        );
+        let oldest_queued_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "chatq_oldest_queued_job_age_seconds",
+            "Age of the oldest queued job, 0 when none is queued (sampled)",
+            oldest_queued_age.clone(),
+        );
+        let outbox_backlog = Gauge::default();
+        registry.register(
+            "chatq_outbox_backlog",
+            "Queued jobs whose publish is not confirmed yet, waiting for the relay (sampled)",
+            outbox_backlog.clone(),
+        );
+        let sample_errors = Counter::default();
+        registry.register(
+            "chatq_metrics_sample_errors",
+            "Failed reads of the broker or PostgreSQL for the sampled gauges (stale values were served)",
+            sample_errors.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            submissions_accepted,
+            submissions_rejected,
+            sse_subscribers,
+            queue_messages,
+            queue_consumers,
+            dead_letter_messages,
+            jobs,
+            oldest_queued_age,
+            outbox_backlog,
+            sample_errors,
+            sampled_at: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts a submission's outcome.
+    pub fn record_submission<T>(&self, result: &Result<T, SubmitError>) {
+        match result {
+            Ok(_) => {
+                self.submissions_accepted.inc();
+            }
+            Err(err) => {
+                let reason = rejection_reason(err);
+                self.submissions_rejected
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc();
+            }
+        }
+    }
+
+    /// Reads the broker and PostgreSQL if the cached sample is older than
+    /// [`SAMPLE_EVERY`]; on failure the previous values stay.
+    async fn sample(&self, state: &AppState) {
+        let mut sampled_at = self.sampled_at.lock().await;
+        if sampled_at.is_some_and(|at| at.elapsed() < SAMPLE_EVERY) {
+            return;
+        }
+        // Set before reading: an unreachable broker is retried once per
+        // interval, not on every scrape.
+        *sampled_at = Some(Instant::now());
+        let read = async {
+            tokio::join!(
+                state.publisher.broker().depths(),
+                jobs::stats(&state.db),
+                jobs::unpublished_count(&state.db),
+            )
+        };
+        let Ok((depths, stats, unpublished)) = tokio::time::timeout(SAMPLE_TIMEOUT, read).await
+        else {
+            self.sample_errors.inc();
+            tracing::warn!("sampling queue and job counts timed out");
+            return;
+        };
+        match depths {
+            Ok(d) => {
+                self.queue_messages.set(i64::from(d.work_messages));
+                self.queue_consumers.set(i64::from(d.work_consumers));
+                self.dead_letter_messages.set(i64::from(d.dead_messages));
+            }
+            Err(err) => {
+                self.sample_errors.inc();
+                tracing::warn!(error = %err, "reading queue depths for metrics failed");
+            }
+        }
+        match stats {
+            Ok(stats) => {
+                for (status, count) in stats.by_status {
+                    self.jobs.get_or_create(&StatusLabels { status }).set(count);
+                }
+                self.oldest_queued_age
+                    .set(stats.oldest_queued_age_secs.unwrap_or(0.0).max(0.0));
+            }
+            Err(err) => {
+                self.sample_errors.inc();
+                tracing::warn!(error = %err, "reading job counts for metrics failed");
+            }
+        }
+        match unpublished {
+            Ok(n) => {
+                self.outbox_backlog.set(n);
+            }
+            Err(err) => {
+                self.sample_errors.inc();
+                tracing::warn!(error = %err, "reading the outbox backlog for metrics failed");
+            }
+        }
+    }
+}
+
+/// The bounded label value for a rejected submission.
+fn rejection_reason(err: &SubmitError) -> &'static str {
+    match err {
+        SubmitError::ConversationBusy => "conversation_busy",
+        SubmitError::KeyReused => "idempotency_key_reused",
+        SubmitError::KeyRace => "idempotency_key_race",
+        SubmitError::NoConversation => "no_conversation",
+        SubmitError::Refused(Refusal::RateLimited { .. }) => "rate_limited",
+        SubmitError::Refused(Refusal::QueueFull { .. }) => "queue_full",
+        SubmitError::Refused(Refusal::OutboxFull { .. }) => "outbox_full",
+        SubmitError::Refused(Refusal::Db(_)) | SubmitError::Db(_) => "database",
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.metrics;
+    m.sse_subscribers
+        .set(i64::try_from(state.hub.subscribers()).unwrap_or(i64::MAX));
+    m.sample(&state).await;
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&m.registry)).into_response()
+}
+
+/// Middleware: counts every answered request and its latency by method,
+/// route template (`unmatched` for the fallback) and status. Runs outside
+/// load shedding, so shed requests (503) are counted too.
+pub async fn track_http(
+    State(metrics): State<Arc<ApiMetrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = method_label(req.method());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let response = next.run(req).await;
+    let labels = HttpLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    metrics
+        .http_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    metrics.http_requests.get_or_create(&labels).inc();
+    response
+}
+
+/// The method as a label; anything non-standard is `other` (bounded).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submissions_are_counted_by_outcome_and_reason() {
+        let m = ApiMetrics::new();
+        m.record_submission::<()>(&Ok(()));
+        m.record_submission::<()>(&Err(SubmitError::ConversationBusy));
+        m.record_submission::<()>(&Err(SubmitError::Refused(Refusal::QueueFull {
+            retry_after_secs: 1,
+        })));
+        let text = render(&m.registry);
+        assert!(
+            text.contains("chatq_submissions_accepted_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chatq_submissions_rejected_total{reason="conversation_busy"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"chatq_submissions_rejected_total{reason="queue_full"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        let odd = Method::from_bytes(b"BREW").expect("a valid token");
+        assert_eq!(method_label(&odd), "other");
+        assert_eq!(method_label(&Method::GET), "GET");
+    }
+}
