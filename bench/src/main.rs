@@ -11,6 +11,7 @@
 mod baseline;
 mod ctx;
 mod load;
+mod procfs;
 mod report;
 mod report_md;
 mod scenarios;

@@ -218,18 +218,20 @@ fn stream(s: &mut String, r: &AllResults) {
     s.push_str("### Time to first token\n\n");
     let _ = writeln!(
         s,
-        "Each client runs one job at a time: `POST /v1/chat` (a {} -word reply, {} ms before \
-         each word), open the event stream as soon as the 202 arrives, stop the clock at the \
-         first `delta` event, read on to `done`; then call the mock directly with the same \
-         prompt and `stream: true` and stop that clock at the first chunk carrying content. \
-         **chatq TTFT** = submit sent → first delta; **mock TTFT** = request sent → first \
-         content chunk; **overhead** = chatq − mock, per percentile (two distributions \
+        "Each client runs one job at a time: `POST /v1/chat` ({} words, the mock's chunk \
+         delay {} ms), open the event stream as soon as the 202 arrives, stop the clock \
+         at the first `delta` event, read on to `done`; then call the mock directly with the \
+         same prompt and `stream: true` and stop that clock at the first chunk carrying \
+         content. **chatq TTFT** = submit sent → first delta; **mock TTFT** = request sent → \
+         first content chunk; **overhead** = chatq − mock, per percentile (two distributions \
          measured side by side, not per-job differences). The split: submit→202 (the \
-         submission's commit and publish confirm), queue+claim = the job's `started_at − \
-         created_at` (PostgreSQL's clock: broker delivery and the worker's claim), and claim → \
-         first delta (prompt, the mock's own TTFT, the worker's publish to the events \
-         exchange, the api's fan-out and the SSE write; host clock vs PostgreSQL's `now()`, \
-         the same clock).\n",
+         submission's commit and publish confirm); queue+claim = the job's `started_at − \
+         created_at` (PostgreSQL's clock: broker delivery and the worker's claim); claim → \
+         first delta = `started_at` → the delta's arrival (the host's clock, which PostgreSQL \
+         shares): the prompt, the mock's own TTFT, the worker's publish to the events exchange, \
+         the api's fan-out and the SSE write. The chunk delay is 0 because the mock does not \
+         set `TCP_NODELAY`: with a delay, its role chunk and first word go out as two small \
+         writes and the second one waits, at random, for the client's delayed ACK (40 ms).\n",
         ttft::WORDS,
         ttft::CHUNK_DELAY_MS
     );
@@ -261,8 +263,14 @@ fn stream(s: &mut String, r: &AllResults) {
          received by all subscribers per second, between the 10th and 90th percentile of \
          arrival times. The worker publishes a job's text at most once per {} ms (several \
          words per event), so one subscriber gets at most {:.0} deltas/s: the ceiling is \
-         subscribers × min(words/s, {:.0}). api CPU % is its user+system time over resume → \
-         last `done`, per core; µs/delta is that time divided by the deltas delivered.\n",
+         subscribers × min(words/s, {:.0}), what the pipeline offers. api CPU % is its \
+         user+system time over resume → last `done`, in % of one core; µs/delta is that time \
+         divided by the deltas delivered; bench CPU % is the load generator's own (it parses \
+         every event); machine busy % is all cores. Where deltas/s stays under the ceiling \
+         while the machine is near 100% busy, the limit is the machine (the bench, the api, \
+         the workers, the mock and the broker on the same cores), not the api alone: a \
+         subscriber that falls behind gets the text it missed merged into fewer, larger \
+         deltas, so fewer events carry the same text.\n",
         x.rate.first().map_or(0, |r| r.chunk_delay_ms),
         WORKER_COALESCE_MS,
         1000.0 / WORKER_COALESCE_MS as f64,
@@ -273,15 +281,20 @@ fn stream(s: &mut String, r: &AllResults) {
     let _ = writeln!(
         s,
         "{} clients each follow a job ({} words, {} ms apart); after every {} deltas a client \
-         drops its connection and at once reconnects with `Last-Event-ID` set to the last id \
-         it received. One sample = reconnect sent → the first `delta` on the new stream, the \
-         first event carrying text it missed. Reconnects after which the job had no more text \
-         (`done` came first) give no sample. Exact text = the text assembled across every \
-         reconnect equals the job's result.\n",
-        x.resume.clients,
-        resume::WORDS,
+         drops its connection, stays away 0 or 100 ms (the job streams on meanwhile), and \
+         reconnects with `Last-Event-ID` set to the last id it received. One sample = \
+         reconnect sent → the first `delta` on the new stream, the first event carrying text \
+         the client did not have. Reconnects after which the job had no more text (`done` \
+         came first) give no sample. Exact text = the text assembled across every reconnect \
+         equals the job's result. With 0 ms away the client has missed nothing, so the sample \
+         is the wait for the job's next publish (the worker publishes at most every {} ms); \
+         with 100 ms away it has missed a few publishes, which the api must recover from the \
+         job's row (saved every 250 ms) or the live pieces that follow.\n",
+        x.resume.first().map_or(0, |r| r.clients),
+        x.resume.first().map_or(0, |r| r.words),
         resume::CHUNK_DELAY_MS,
-        resume::DELTAS_BETWEEN_CUTS
+        resume::DELTAS_BETWEEN_CUTS,
+        WORKER_COALESCE_MS
     );
     x.resume_table().markdown(s);
 }

@@ -237,6 +237,9 @@ impl System {
         api_env.push(("CHATQ_API_ADDR".into(), "127.0.0.1:0".into()));
         api_env.push(("CHATQ_ADMIN_TOKEN".into(), ADMIN_TOKEN.into()));
         api_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        // One tenant here: the queue bound measured is the broker's, not the
+        // per-tenant share.
+        api_env.push(("CHATQ_TENANT_QUEUE_SHARE".into(), "1".into()));
         api_env.extend(opts.api_env.iter().cloned());
         let mut api = command("chatq-api", &api_env)?
             .spawn()
@@ -253,6 +256,8 @@ impl System {
             opts.worker_concurrency.to_string(),
         ));
         worker_env.push(("CHATQ_SHUTDOWN_GRACE_SECS".into(), "2".into()));
+        // Each worker's /metrics listener on a free port: several run at once.
+        worker_env.push(("CHATQ_WORKER_METRICS_ADDR".into(), "127.0.0.1:0".into()));
         if let Some(n) = opts.worker_db_connections {
             worker_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), n.to_string()));
         }
@@ -399,41 +404,4 @@ pub async fn create_key(
         Some(k) if status.is_success() => Ok(k.to_owned()),
         _ => bail!("creating an API key answered {status}: {body}"),
     }
-}
-
-/// Peak resident set size (VmHWM) of a process, in bytes.
-pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
-    proc_status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
-}
-
-/// Current resident set size (VmRSS) of a process, in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    proc_status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
-}
-
-/// A `kB` field of `/proc/<pid>/status`.
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on Linux).
-const USER_HZ: f64 = 100.0;
-
-/// CPU time (user + system) a process has used so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces: fields are counted after its ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / USER_HZ)
-}
-
-/// Open file descriptors of a process.
-pub fn open_fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }

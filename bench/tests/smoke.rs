@@ -56,6 +56,7 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
         "concurrency",
         "reads",
         "scaling",
+        "stream",
     ] {
         assert!(md.contains(scenario), "the report mentions {scenario}");
     }
@@ -79,6 +80,41 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
         assert!(
             run["accepted"].as_u64().unwrap_or(0) > 0,
             "jobs accepted: {run}"
+        );
+    }
+
+    let raw = std::fs::read_to_string(dir.join("stream.json")).expect("stream.json was written");
+    let stream: serde_json::Value = serde_json::from_str(&raw).expect("stream.json is JSON");
+    for row in stream["ttft"].as_array().expect("ttft rows") {
+        assert!(
+            row["chatq"]["count"].as_u64().unwrap_or(0) > 0
+                && row["errors"] == serde_json::json!({}),
+            "every time-to-first-token job streamed: {row}"
+        );
+    }
+    let held = &stream["held"];
+    assert!(
+        held["held"].as_u64().unwrap_or(0) > 0 && held["held"] == held["subscribers"],
+        "every subscriber was held: {held}"
+    );
+    assert_eq!(
+        held["done"], held["held"],
+        "every held subscriber got `done`: {held}"
+    );
+    for row in stream["rate"].as_array().expect("rate rows") {
+        assert_eq!(
+            row["done"], row["subscribers"],
+            "every subscriber got `done`: {row}"
+        );
+    }
+    for resume in stream["resume"].as_array().expect("resume rows") {
+        assert!(
+            resume["first_text"]["count"].as_u64().unwrap_or(0) > 0,
+            "resumes were measured: {resume}"
+        );
+        assert_eq!(
+            resume["exact_text"], resume["jobs"],
+            "resumed streams lose and repeat no text: {resume}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

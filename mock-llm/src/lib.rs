@@ -133,6 +133,10 @@ pub async fn serve(
     let state = MockState::new(config);
     let token = state.inner.release_hung.clone();
     let signal_token = token.clone();
+    // No Nagle: streamed chunks go out as they are written.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ctx::{Ctx, completion_rate, end_state, prefill};
+use crate::procfs::peak_rss_bytes;
 use crate::scenarios::{Table, f};
-use crate::system::{System, SystemOptions, peak_rss_bytes};
+use crate::system::{System, SystemOptions};
 
 /// `CHATQ_WORKER_CONCURRENCY`.
 pub const CONCURRENCY: u32 = 2000;

@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use super::WORKER_COALESCE_MS;
 use crate::ctx::{Ctx, Target};
+use crate::procfs;
 use crate::sse::{self, Stream, StreamError};
-use crate::system::{self, System};
+use crate::system::System;
 
 /// Subscribers per job in the `held` run.
 const HELD_PER_JOB: usize = 100;
@@ -28,7 +29,7 @@ pub const OPEN_CONCURRENCY: usize = 256;
 /// Longest wait for every subscriber to be open.
 const OPEN_DEADLINE: Duration = Duration::from_secs(120);
 /// Longest wait, after resuming, for every stream to end.
-const DONE_DEADLINE: Duration = Duration::from_secs(180);
+const DONE_DEADLINE: Duration = Duration::from_secs(60);
 /// How often the api's RSS is sampled while the jobs stream.
 const RSS_EVERY: Duration = Duration::from_millis(100);
 
@@ -92,6 +93,10 @@ pub struct RateRow {
     pub api_cpu_pct: f64,
     /// api CPU time per delta event delivered, µs.
     pub api_cpu_us_per_event: f64,
+    /// The bench's own CPU time over the same span, % of one core.
+    pub bench_cpu_pct: f64,
+    /// The whole machine's busy time over the same span, % of all cores.
+    pub machine_busy_pct: f64,
     /// Failures by kind.
     pub errors: BTreeMap<String, u64>,
 }
@@ -118,6 +123,8 @@ struct Seen {
     events_per_s: f64,
     bytes_per_s: f64,
     api_cpu_s: f64,
+    bench_cpu_s: f64,
+    machine_busy_pct: f64,
     errors: BTreeMap<String, u64>,
 }
 
@@ -155,11 +162,16 @@ pub async fn held(ctx: &Ctx, sys: &System) -> anyhow::Result<HeldResult> {
     })
 }
 
-/// 1,000 subscribers (quick: 100) on 10 and on 100 jobs.
+/// 1,000 subscribers on 10 and on 100 jobs, then 5,000 on 50 jobs (more
+/// than the machine can deliver); quick: 100 on 1 and on 10 jobs.
 pub async fn rate(ctx: &Ctx, sys: &System) -> anyhow::Result<Vec<RateRow>> {
-    let (subscribers, words) = if ctx.quick { (100, 60) } else { (1_000, 500) };
+    let (runs, words): (&[(usize, usize)], u32) = if ctx.quick {
+        (&[(100, 100), (100, 10)], 60)
+    } else {
+        (&[(1_000, 100), (1_000, 10), (10_000, 100)], 500)
+    };
     let mut rows = Vec::new();
-    for per_job in [100, 10] {
+    for &(subscribers, per_job) in runs {
         let plan = Plan {
             subscribers,
             jobs: subscribers.div_ceil(per_job),
@@ -181,10 +193,24 @@ pub async fn rate(ctx: &Ctx, sys: &System) -> anyhow::Result<Vec<RateRow>> {
             text_kb_per_s: s.bytes_per_s / 1024.0,
             api_cpu_pct: 100.0 * s.api_cpu_s / s.resume_to_all_done_s.max(1e-9),
             api_cpu_us_per_event: 1e6 * s.api_cpu_s / s.delta_events.max(1) as f64,
+            bench_cpu_pct: 100.0 * s.bench_cpu_s / s.resume_to_all_done_s.max(1e-9),
+            machine_busy_pct: s.machine_busy_pct,
             errors: s.errors,
         });
     }
     Ok(rows)
+}
+
+/// What the subscribers of one run share.
+struct Shared {
+    /// Bounds the streams being opened at once.
+    opening: Semaphore,
+    /// Streams open with their first event received.
+    held: AtomicUsize,
+    /// Streams that failed to open.
+    failed: AtomicUsize,
+    /// When the queue was resumed: delta arrival times count from here.
+    resumed_at: std::sync::OnceLock<Instant>,
 }
 
 /// What one subscriber saw.
@@ -209,78 +235,24 @@ async fn fan_out(ctx: &Ctx, sys: &System, plan: &Plan) -> anyhow::Result<Seen> {
     let ids = submit_all(&target, &content, plan.jobs).await?;
     // Let the api settle after the submissions before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = system::rss_bytes(api_pid).unwrap_or(0);
+    let rss_before = procfs::rss_bytes(api_pid).unwrap_or(0);
 
     let streams = sse::client()?;
-    let opening = Arc::new(Semaphore::new(OPEN_CONCURRENCY));
-    let held = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    // Arrival times count from here; set when the queue is resumed.
-    let resumed_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let shared = Arc::new(Shared {
+        opening: Semaphore::new(OPEN_CONCURRENCY),
+        held: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        resumed_at: std::sync::OnceLock::new(),
+    });
     let open_start = Instant::now();
-    let mut tasks = Vec::with_capacity(plan.subscribers);
-    for i in 0..plan.subscribers {
-        let job = ids[i % ids.len()];
-        let (streams, t) = (streams.clone(), target.clone());
-        let (opening, held, failed) =
-            (Arc::clone(&opening), Arc::clone(&held), Arc::clone(&failed));
-        let resumed_at = Arc::clone(&resumed_at);
-        tasks.push(tokio::spawn(async move {
-            let mut out = SubOutcome::default();
-            let permit = opening.acquire_owned().await;
-            let first = async {
-                let mut s = Stream::open(&streams, &t.url, &t.key, job, None).await?;
-                let first = s.next().await?;
-                Ok::<_, StreamError>((s, first))
-            }
-            .await;
-            drop(permit);
-            let mut stream = match first {
-                Ok((s, Some(_))) => {
-                    held.fetch_add(1, Ordering::Relaxed);
-                    s
-                }
-                Ok((_, None)) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some("open: closed".into());
-                    return out;
-                }
-                Err(e) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    out.error = Some(format!("open: {}", e.0));
-                    return out;
-                }
-            };
-            loop {
-                match stream.next().await {
-                    Ok(Some(e)) => {
-                        out.last_at = Some(e.at);
-                        match e.event.as_str() {
-                            "delta" => {
-                                let base = resumed_at.get().copied().unwrap_or(e.at);
-                                out.delta_at_us
-                                    .push(e.at.saturating_duration_since(base).as_micros() as u64);
-                                out.delta_bytes += e.data.len() as u64;
-                            }
-                            "done" => {
-                                out.done = true;
-                                return out;
-                            }
-                            _ => {}
-                        }
-                    }
-                    Ok(None) => {
-                        out.error = Some("closed_before_done".into());
-                        return out;
-                    }
-                    Err(e) => {
-                        out.error = Some(e.0);
-                        return out;
-                    }
-                }
-            }
-        }));
-    }
+    let tasks: Vec<_> = (0..plan.subscribers)
+        .map(|i| {
+            let job = ids[i % ids.len()];
+            let (streams, t, shared) = (streams.clone(), target.clone(), Arc::clone(&shared));
+            tokio::spawn(async move { subscriber(&streams, &t, job, &shared).await })
+        })
+        .collect();
+    let (held, failed) = (&shared.held, &shared.failed);
     let open_end = Instant::now() + OPEN_DEADLINE;
     while held.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < plan.subscribers
         && Instant::now() < open_end
@@ -291,12 +263,14 @@ async fn fan_out(ctx: &Ctx, sys: &System, plan: &Plan) -> anyhow::Result<Seen> {
     let held_n = held.load(Ordering::Relaxed);
     // Idle holding: let allocations settle before reading the RSS.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_holding = system::rss_bytes(api_pid).unwrap_or(0);
-    let fds_holding = system::open_fds(api_pid).unwrap_or(0);
+    let rss_holding = procfs::rss_bytes(api_pid).unwrap_or(0);
+    let fds_holding = procfs::open_fds(api_pid).unwrap_or(0);
 
-    let cpu0 = system::cpu_seconds(api_pid).unwrap_or(0.0);
+    let cpu0 = procfs::cpu_seconds(api_pid).unwrap_or(0.0);
+    let bench0 = procfs::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let machine0 = procfs::machine_cpu_ticks();
     let t_resume = Instant::now();
-    let _ = resumed_at.set(t_resume);
+    let _ = shared.resumed_at.set(t_resume);
     sys.set_paused(&ctx.http, false).await?;
     let sampling = Arc::new(AtomicBool::new(true));
     let max_rss = Arc::new(AtomicU64::new(rss_holding));
@@ -304,7 +278,7 @@ async fn fan_out(ctx: &Ctx, sys: &System, plan: &Plan) -> anyhow::Result<Seen> {
         let (sampling, max_rss) = (Arc::clone(&sampling), Arc::clone(&max_rss));
         tokio::spawn(async move {
             while sampling.load(Ordering::Relaxed) {
-                if let Some(rss) = system::rss_bytes(api_pid) {
+                if let Some(rss) = procfs::rss_bytes(api_pid) {
                     max_rss.fetch_max(rss, Ordering::Relaxed);
                 }
                 tokio::time::sleep(RSS_EVERY).await;
@@ -325,7 +299,12 @@ async fn fan_out(ctx: &Ctx, sys: &System, plan: &Plan) -> anyhow::Result<Seen> {
             }
         }
     }
-    let cpu1 = system::cpu_seconds(api_pid).unwrap_or(cpu0);
+    let cpu1 = procfs::cpu_seconds(api_pid).unwrap_or(cpu0);
+    let bench1 = procfs::cpu_seconds(std::process::id()).unwrap_or(bench0);
+    let machine_busy_pct = match (machine0, procfs::machine_cpu_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => 0.0,
+    };
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.await;
     drop(streams);
@@ -360,8 +339,73 @@ async fn fan_out(ctx: &Ctx, sys: &System, plan: &Plan) -> anyhow::Result<Seen> {
         // The window's event rate times the mean size of a delta.
         bytes_per_s: events_per_s * bytes as f64 / delta_events.max(1) as f64,
         api_cpu_s: cpu1 - cpu0,
+        bench_cpu_s: bench1 - bench0,
+        machine_busy_pct,
         errors,
     })
+}
+
+/// One subscriber: opens its stream (counted as held at the first event),
+/// then reads it to `done`, noting when each delta arrived.
+async fn subscriber(
+    streams: &reqwest::Client,
+    t: &Target,
+    job: Uuid,
+    shared: &Shared,
+) -> SubOutcome {
+    let mut out = SubOutcome::default();
+    let first = {
+        let _permit = shared.opening.acquire().await;
+        async {
+            let mut s = Stream::open(streams, &t.url, &t.key, job, None).await?;
+            let first = s.next().await?;
+            Ok::<_, StreamError>((s, first))
+        }
+        .await
+    };
+    let mut stream = match first {
+        Ok((s, Some(_))) => {
+            shared.held.fetch_add(1, Ordering::Relaxed);
+            s
+        }
+        Ok((_, None)) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            out.error = Some("open: closed".into());
+            return out;
+        }
+        Err(e) => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            out.error = Some(format!("open: {}", e.0));
+            return out;
+        }
+    };
+    loop {
+        let e = match stream.next().await {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                out.error = Some("closed_before_done".into());
+                return out;
+            }
+            Err(e) => {
+                out.error = Some(e.0);
+                return out;
+            }
+        };
+        out.last_at = Some(e.at);
+        match e.event.as_str() {
+            "delta" => {
+                let base = shared.resumed_at.get().copied().unwrap_or(e.at);
+                out.delta_at_us
+                    .push(e.at.saturating_duration_since(base).as_micros() as u64);
+                out.delta_bytes += e.data.len() as u64;
+            }
+            "done" => {
+                out.done = true;
+                return out;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Events per second between the 10th and 90th percentile of arrival

@@ -18,7 +18,7 @@ use crate::scenarios::{Table, f};
 use crate::system::SystemOptions;
 
 pub use fanout::{HeldResult, RateRow};
-pub use resume::ResumeResult;
+pub use resume::ResumeRow;
 pub use ttft::TtftRow;
 
 /// Worker processes of the deployment.
@@ -49,8 +49,8 @@ pub struct StreamResult {
     pub held: HeldResult,
     /// Delta events/s, by subscribers per job.
     pub rate: Vec<RateRow>,
-    /// Resume after a disconnect.
-    pub resume: ResumeResult,
+    /// Resume after a disconnect, by time away.
+    pub resume: Vec<ResumeRow>,
 }
 
 /// Runs the scenario (needs its own system: it pauses the queue and reads
@@ -189,6 +189,8 @@ impl StreamResult {
                     f(r.text_kb_per_s, 0),
                     f(r.api_cpu_pct, 0),
                     f(r.api_cpu_us_per_event, 1),
+                    f(r.bench_cpu_pct, 0),
+                    f(r.machine_busy_pct, 0),
                     errors_text(&r.errors),
                 ]
             })
@@ -205,6 +207,8 @@ impl StreamResult {
                 "text KB/s",
                 "api CPU %",
                 "api µs/delta",
+                "bench CPU %",
+                "machine busy %",
                 "errors",
             ],
             rows,
@@ -213,31 +217,39 @@ impl StreamResult {
 
     /// Resume latency, for stdout and the report.
     pub fn resume_table(&self) -> Table {
-        let r = &self.resume;
+        let rows = self
+            .resume
+            .iter()
+            .map(|r| {
+                vec![
+                    r.away_ms.to_string(),
+                    r.jobs.to_string(),
+                    r.first_text.count.to_string(),
+                    format!("{} / {}", f(r.open.p50_ms, 1), f(r.open.p99_ms, 1)),
+                    format!(
+                        "{} / {} / {}",
+                        f(r.first_text.p50_ms, 1),
+                        f(r.first_text.p99_ms, 1),
+                        f(r.first_text.max_ms, 1)
+                    ),
+                    r.nothing_missed.to_string(),
+                    format!("{}/{}", r.exact_text, r.jobs_done),
+                    errors_text(&r.errors),
+                ]
+            })
+            .collect();
         Table {
             headers: &[
+                "away ms",
                 "jobs",
                 "resumes",
                 "reconnect→stream open p50/p99 ms",
                 "reconnect→first new text p50/p99/max ms",
-                "resumed after the last text",
+                "reconnects after the last text",
                 "exact text",
                 "errors",
             ],
-            rows: vec![vec![
-                r.jobs.to_string(),
-                r.first_text.count.to_string(),
-                format!("{} / {}", f(r.open.p50_ms, 1), f(r.open.p99_ms, 1)),
-                format!(
-                    "{} / {} / {}",
-                    f(r.first_text.p50_ms, 1),
-                    f(r.first_text.p99_ms, 1),
-                    f(r.first_text.max_ms, 1)
-                ),
-                r.nothing_missed.to_string(),
-                format!("{}/{}", r.exact_text, r.jobs_done),
-                errors_text(&r.errors),
-            ]],
+            rows,
         }
     }
 }
