@@ -239,7 +239,7 @@ async fn follow(
                     false
                 }
             },
-            () = sleep_until(gap_recheck) => true,
+            () = chatq_common::time::sleep_until(gap_recheck) => true,
             () = follower.tx.closed() => return,
             () = state.shutdown.cancelled() => return,
         };
@@ -263,13 +263,6 @@ async fn follow(
             Some(at) if !reread => Some(at),
             _ => Some(Instant::now() + GAP_RECHECK),
         };
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -87,7 +87,7 @@ async fn record_confirms(db: PgPool, mut rx: mpsc::UnboundedReceiver<(Uuid, Inst
                 open = n > 0;
                 pending.extend(received.drain(..));
             }
-            () = sleep_until_due(due) => {}
+            () = chatq_common::time::sleep_until(due) => {}
         }
         let now = Instant::now();
         let mut ids = Vec::new();
@@ -104,12 +104,5 @@ async fn record_confirms(db: PgPool, mut rx: mpsc::UnboundedReceiver<(Uuid, Inst
                 tracing::warn!(error = %err, jobs = batch.len(), "could not record confirmed publishes");
             }
         }
-    }
-}
-
-async fn sleep_until_due(due: Option<Instant>) {
-    match due {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

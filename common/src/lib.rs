@@ -8,6 +8,7 @@ pub mod group;
 pub mod metrics;
 pub mod queue;
 pub mod telemetry;
+pub mod time;
 
 /// The schema migrations, embedded at compile time. Applying them takes a
 /// PostgreSQL advisory lock, so several replicas may start at once.

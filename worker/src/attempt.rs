@@ -241,11 +241,11 @@ async fn relay(
                 }
                 None => break,
             },
-            () = sleep_until(publish_at) => {
+            () = chatq_common::time::sleep_until(publish_at) => {
                 publish(ctx, job_id, attempt, &mut published_chars, &mut pending).await;
                 last_publish = Some(Instant::now());
             }
-            () = sleep_until(next_save.filter(|_| text.len() > saved_len)) => {
+            () = chatq_common::time::sleep_until(next_save.filter(|_| text.len() > saved_len)) => {
                 if let Err(err) = jobs::save_partial(&ctx.db, job_id, token, attempt, &text).await {
                     tracing::debug!(error = %err, "could not save the streamed text");
                 }
@@ -285,12 +285,5 @@ async fn publish(
     if let Err(err) = ctx.publisher.publish_event(job_id, &body).await {
         // Subscribers fill the gap from the row's copy.
         tracing::debug!(error = %err, "could not publish streamed text");
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
