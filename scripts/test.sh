@@ -4,15 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
-# The official openai SDK, for the facade's tests (tests/python), in a venv
-# outside the clone so it is made once per machine.
+# Python tools of the e2e tests, in a venv outside the clone so it is made
+# once per machine (and again when a pin changes): the official openai SDK,
+# for the facade's tests (tests/python), and schemathesis, which tests the
+# api against its own OpenAPI document (tests/tests/schemathesis.rs).
 venv="${CHATQ_VENV:-/var/tmp/chatq-venv}"
-if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
+pins=("openai==3.57.0" "schemathesis==4.32.5")
+if ! "$venv/bin/python" - "${pins[@]}" >/dev/null 2>&1 <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+PY
+then
   if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv) >/dev/null
     python3 -m venv --clear "$venv"
   fi
-  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.57.0"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}"
 fi
 export CHATQ_TEST_PYTHON="$venv/bin/python"
 # The end-to-end tests start the binaries as processes: build them first.

@@ -3,7 +3,8 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// Seconds a client is asked to wait after a 503.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
@@ -83,10 +84,21 @@ impl From<sqlx::Error> for ApiError {
         if chatq_common::db::is_unavailable(&err) {
             tracing::warn!(error = %err, "database unavailable");
             Self::Unavailable("the database")
+        } else if is_transient(&err) {
+            // Not a bug of this request: retrying it can succeed.
+            tracing::warn!(error = %err, "statement aborted for a conflict with a concurrent transaction");
+            Self::Unavailable("the database")
         } else {
             Self::Internal(err.into())
         }
     }
+}
+
+/// Whether PostgreSQL aborted the statement for a conflict with a
+/// concurrent transaction (`40P01` deadlock_detected, `40001`
+/// serialization_failure): running it again can succeed.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
 }
 
 impl ApiError {
@@ -164,7 +176,12 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = json!({"error": {"code": self.code(), "message": message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+            },
+        };
         let mut response = (self.status(), axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs() {
             response
@@ -180,6 +197,27 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The body of every error answer (except the OpenAI facade's):
+/// `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "not_found", "message": "no such job"}}))]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The error of an [`ErrorBody`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable, snake_case: `invalid_request`, `unauthorized`,
+    /// `not_found`, `method_not_allowed`, `conversation_busy`, `conflict`,
+    /// `payload_too_large`, `unsupported_media_type`, `rate_limited`,
+    /// `queue_full` or `unavailable`.
+    pub code: &'static str,
+    /// For people; a 400 names the offending field first (`content: ...`).
+    pub message: String,
 }
 
 /// Result of a handler.

@@ -11,6 +11,7 @@ use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -330,6 +331,55 @@ impl QueryParams {
     pub fn page(&self) -> Result<(i64, Option<Uuid>), ApiError> {
         self.only(&["limit", "after"])?;
         Ok((self.int("limit", 1, 100, 20)?, self.uuid("after")?))
+    }
+}
+
+/// The query of a list: `?limit=&after=`. Any other parameter, a value out
+/// of range or not a UUID is a 400 naming it (read by [`QueryParams`]).
+#[derive(Debug, Clone, Copy, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1 to 100 (default 20); anything else is a 400, not clamped.
+    #[param(required = false, minimum = 1, maximum = 100, default = 20)]
+    pub limit: i64,
+    /// Continue after this item: the previous page's `next_after`.
+    #[param(required = false, value_type = Uuid)]
+    pub after: Option<Uuid>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let (limit, after) = QueryParams::from_request_parts(parts, state)
+            .await?
+            .page()?;
+        Ok(Self { limit, after })
+    }
+}
+
+/// Longest long-poll of `GET /v1/jobs/{id}?wait=`, in seconds.
+pub const MAX_WAIT_SECS: i64 = 60;
+
+/// The query of `GET /v1/jobs/{id}`: `?wait=`. Any other parameter or a
+/// value out of range is a 400 naming it (read by [`QueryParams`]).
+#[derive(Debug, Clone, Copy, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Seconds to wait for the job to be terminal, 0 to 60 (default 0: answer at once).
+    #[param(required = false, minimum = 0, maximum = 60, default = 0)]
+    pub wait: i64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WaitQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let q = QueryParams::from_request_parts(parts, state).await?;
+        q.only(&["wait"])?;
+        Ok(Self {
+            wait: q.int("wait", 0, MAX_WAIT_SECS, 0)?,
+        })
     }
 }
 

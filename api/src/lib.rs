@@ -12,6 +12,8 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod openai;
+pub mod openapi;
+pub mod positions;
 pub mod publish;
 pub mod replay;
 pub mod routes;
@@ -137,6 +139,8 @@ pub struct AppState {
     pub hub: JobHub,
     /// Counts behind the per-tenant queue share and the outbox bound.
     pub backlogs: limits::Backlogs,
+    /// Queue positions and start estimates of queued jobs.
+    pub positions: positions::Positions,
     /// Settings.
     pub config: Arc<ApiConfig>,
     /// Prometheus metrics of this process.
@@ -169,10 +173,23 @@ impl AppState {
             batcher,
             hub,
             backlogs: limits::Backlogs::default(),
+            positions: positions::Positions::default(),
             config: Arc::new(config),
             metrics: Arc::default(),
             shutdown: shutdown.clone(),
         })
+    }
+}
+
+impl AppState {
+    /// The job object, with its place in the queue while it is queued.
+    pub async fn job_view(&self, job: chatq_common::domain::Job) -> views::JobView {
+        let queue = if job.status == chatq_common::domain::JobStatus::Queued {
+            self.positions.of(&self.db, job.start_key()).await
+        } else {
+            None
+        };
+        views::JobView::from(job).with_queue(queue)
     }
 }
 

@@ -60,8 +60,6 @@ const COUNT_TTL: Duration = Duration::from_secs(1);
 /// Tenants whose queued count is remembered at most; the map is emptied
 /// when full (the next check of each tenant reads again).
 const MAX_TRACKED_TENANTS: usize = 10_000;
-/// Seconds a client is asked to wait when its tenant's share is used up.
-const SHARE_RETRY_AFTER_SECS: u64 = 5;
 /// Seconds a client is asked to wait while the outbox is full.
 const OUTBOX_RETRY_AFTER_SECS: u64 = 5;
 
@@ -152,7 +150,7 @@ impl Backlogs {
         };
         if current >= share {
             return Err(Refusal::QueueFull {
-                retry_after_secs: SHARE_RETRY_AFTER_SECS,
+                retry_after_secs: state.positions.seconds_until_room(&state.db).await,
             });
         }
         if let Some(c) = lock(&self.tenants).get_mut(&tenant.id) {

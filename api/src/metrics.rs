@@ -271,6 +271,17 @@ fn rejection_reason(err: &SubmitError) -> &'static str {
 }
 
 /// `GET /metrics`: the Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    description = "The OpenMetrics text format (which Prometheus reads): request counts and latency histograms by route and status, jobs by status, queue depth, event-stream subscribers. Exempt from load shedding.",
+    responses(
+        (status = 200, description = "The metrics.", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+    ),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     m.sse_subscribers

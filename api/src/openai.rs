@@ -6,7 +6,9 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use chatq_common::domain::{Job, JobStatus, Priority, Role};
 
@@ -124,14 +126,41 @@ impl OpenAiError {
     }
 
     /// The error object (for a mid-stream `data: {"error": …}` event too).
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
+    pub fn body(&self) -> OpenAiErrorBody {
+        OpenAiErrorBody {
+            error: OpenAiErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind,
+                param: self.param.clone(),
+                code: self.code.clone(),
+            },
+        }
     }
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"message": "you must provide a model parameter", "type": "invalid_request_error", "param": "model", "code": null}}))]
+pub struct OpenAiErrorBody {
+    /// What went wrong.
+    pub error: OpenAiErrorDetail,
+}
+
+/// The error of an [`OpenAiErrorBody`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    /// For people.
+    pub message: String,
+    /// `invalid_request_error`, `requests`, `server_error` or `timeout`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    /// The offending parameter, if any.
+    pub param: Option<String>,
+    /// Machine-readable code, if any (e.g. `invalid_api_key`,
+    /// `model_not_found`, `rate_limit_exceeded`, `unsupported_parameter`,
+    /// `stream_diverged`, `timeout`, or the job's error code).
+    pub code: Option<String>,
 }
 
 impl From<ApiError> for OpenAiError {
@@ -178,7 +207,8 @@ impl From<SubmitError> for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.body())).into_response();
+        let body = self.body();
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
             response
                 .headers_mut()
@@ -186,6 +216,157 @@ impl IntoResponse for OpenAiError {
         }
         response
     }
+}
+
+/// The body of `POST /v1/chat/completions` as documented in the OpenAPI
+/// document. The handler reads the body field by field
+/// ([`CompletionRequest::parse`]); a parameter of OpenAI's API that chatq
+/// does not support (`tools`, `response_format`, `logprobs`, ...) is a 400
+/// naming it, never ignored.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ChatCompletionRequest)]
+pub struct CompletionRequestSchema {
+    /// The model (at most 200 characters); with `CHATQ_MODELS` set, one of
+    /// `GET /v1/models` (else `404 model_not_found`).
+    #[schema(min_length = 1, max_length = 200)]
+    pub model: String,
+    /// The conversation so far; the last message must be a `user` message.
+    /// Leading `system`/`developer` messages become the system prompt.
+    #[schema(min_items = 1)]
+    pub messages: Vec<MessageSchema>,
+    /// Most tokens of the answer.
+    #[schema(required = false, minimum = 1, maximum = 32_768)]
+    pub max_tokens: i64,
+    /// Most tokens of the answer (forwarded to the model).
+    #[schema(minimum = 1, maximum = 32_768)]
+    pub max_completion_tokens: Option<i64>,
+    /// Sampling temperature.
+    #[schema(required = false, minimum = 0, maximum = 2)]
+    pub temperature: f64,
+    /// Nucleus sampling (forwarded to the model).
+    #[schema(minimum = 0, maximum = 1)]
+    pub top_p: Option<f64>,
+    /// Forwarded to the model.
+    #[schema(minimum = -2, maximum = 2)]
+    pub presence_penalty: Option<f64>,
+    /// Forwarded to the model.
+    #[schema(minimum = -2, maximum = 2)]
+    pub frequency_penalty: Option<f64>,
+    /// Forwarded to the model.
+    pub seed: Option<i64>,
+    /// Up to 4 stop sequences (forwarded to the model).
+    pub stop: Option<StopSchema>,
+    /// An end-user id (at most 256 characters; forwarded to the model).
+    #[schema(max_length = 256)]
+    pub user: Option<String>,
+    /// Choices per request: chatq answers one.
+    #[schema(required = false, minimum = 1, maximum = 1)]
+    pub n: i64,
+    /// Stream the answer as `chat.completion.chunk` events.
+    pub stream: Option<bool>,
+    /// Only with `stream: true`.
+    pub stream_options: Option<StreamOptionsSchema>,
+    /// `flex` runs the job in the `batch` lane; the others in `interactive`.
+    #[schema(required = false)]
+    pub service_tier: ServiceTierSchema,
+}
+
+/// A message of a chat completions request.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ChatMessage)]
+pub struct MessageSchema {
+    /// Who said it.
+    pub role: MessageRoleSchema,
+    /// Text, or text parts (joined); not empty, at most
+    /// `CHATQ_MAX_CONTENT_CHARS` characters.
+    pub content: MessageContentSchema,
+    /// A participant name: accepted, not sent to the model.
+    #[schema(required = false)]
+    pub name: String,
+}
+
+/// The role of a [`MessageSchema`].
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = ChatMessageRole)]
+pub enum MessageRoleSchema {
+    /// Instructions (the system prompt when leading).
+    System,
+    /// Instructions, as `system`.
+    Developer,
+    /// The user.
+    User,
+    /// An earlier answer.
+    Assistant,
+}
+
+/// The content of a [`MessageSchema`].
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = ChatMessageContent)]
+pub enum MessageContentSchema {
+    /// Plain text.
+    Text(String),
+    /// Text parts, joined.
+    Parts(Vec<TextPartSchema>),
+}
+
+/// A text part of a message's content.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ChatTextPart)]
+pub struct TextPartSchema {
+    /// `text`: the only kind of part chatq supports.
+    #[serde(rename = "type")]
+    pub kind: TextPartKindSchema,
+    /// The text.
+    pub text: String,
+}
+
+/// The kind of a [`TextPartSchema`].
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = ChatTextPartKind)]
+pub enum TextPartKindSchema {
+    /// Text.
+    Text,
+}
+
+/// `stop`: one sequence or up to 4.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = ChatStop)]
+pub enum StopSchema {
+    /// One stop sequence.
+    One(String),
+    /// Up to 4 stop sequences.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ChatStreamOptions)]
+pub struct StreamOptionsSchema {
+    /// End the stream with a chunk carrying `usage`.
+    pub include_usage: Option<bool>,
+}
+
+/// `service_tier`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = ChatServiceTier)]
+pub enum ServiceTierSchema {
+    /// Interactive lane.
+    Auto,
+    /// Interactive lane.
+    Default,
+    /// Interactive lane.
+    Priority,
+    /// Batch lane.
+    Flex,
 }
 
 /// A chat completions request, validated.
@@ -550,70 +731,212 @@ pub fn completion_id(job: &Job) -> String {
     format!("chatcmpl-{}", job.id)
 }
 
+/// OpenAI's `usage` object.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = CompletionUsage)]
+pub struct Usage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: i64,
+    /// Tokens of the answer.
+    pub completion_tokens: i64,
+    /// Their sum.
+    pub total_tokens: i64,
+}
+
 /// OpenAI's `usage` object of a finished job.
-pub fn usage(job: &Job) -> Value {
+pub fn usage(job: &Job) -> Usage {
     let prompt = i64::from(job.prompt_tokens.unwrap_or(0));
     let completion = i64::from(job.completion_tokens.unwrap_or(0));
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
+}
+
+/// A `chat.completion` object.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    /// `chatcmpl-` and the job's id (which `GET /v1/jobs/{id}` also accepts).
+    pub id: String,
+    /// `chat.completion`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    /// Unix time of the job's creation, in seconds.
+    pub created: i64,
+    /// The model.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<CompletionChoice>,
+    /// Tokens used.
+    pub usage: Usage,
+    /// `flex` for the batch lane, else `default`.
+    #[schema(value_type = String)]
+    pub service_tier: &'static str,
+    /// Always `null`.
+    #[schema(value_type = Option<String>)]
+    pub system_fingerprint: Option<()>,
+}
+
+/// The choice of a `chat.completion`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    /// Always 0.
+    pub index: u32,
+    /// The answer.
+    pub message: CompletionMessage,
+    /// Always `null`.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+    /// `stop`, `length`, ...
+    pub finish_reason: String,
+}
+
+/// The assistant message of a `chat.completion`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionMessage {
+    /// `assistant`.
+    #[schema(value_type = String)]
+    pub role: &'static str,
+    /// The answer.
+    pub content: String,
+    /// Always `null`.
+    #[schema(value_type = Option<String>)]
+    pub refusal: Option<()>,
+}
+
+/// A `chat.completion.chunk`: one event of a streamed completion (`data:`
+/// lines; the stream ends with `data: [DONE]`, or with an error event in
+/// OpenAI's error shape).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    /// `chatcmpl-` and the job's id.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    /// Unix time of the job's creation, in seconds.
+    pub created: i64,
+    /// The model.
+    pub model: String,
+    /// One choice, or none in the final `usage` chunk.
+    pub choices: Vec<ChunkChoice>,
+    /// Only in the final chunk, with `stream_options.include_usage`.
+    pub usage: Option<Usage>,
+    /// Always `null`.
+    #[schema(value_type = Option<String>)]
+    pub system_fingerprint: Option<()>,
+}
+
+/// The choice of a `chat.completion.chunk`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    /// Always 0.
+    pub index: u32,
+    /// What the chunk adds.
+    pub delta: ChunkDelta,
+    /// Always `null`.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+    /// Set in the last chunk with a choice.
+    pub finish_reason: Option<String>,
+}
+
+/// What a chunk adds: the role (first chunk), text, or nothing (last chunk).
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ChunkDelta {
+    /// `assistant`, in the first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub role: Option<&'static str>,
+    /// The next piece of text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+impl ChunkDelta {
+    /// The first chunk's delta: the role and empty text.
+    pub fn role() -> Self {
+        Self {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        }
+    }
+
+    /// A delta of text.
+    pub fn text(content: String) -> Self {
+        Self {
+            role: None,
+            content: Some(content),
+        }
+    }
 }
 
 /// The `chat.completion` object of a succeeded job.
-pub fn completion(job: &Job) -> Value {
-    json!({
-        "id": completion_id(job),
-        "object": "chat.completion",
-        "created": job.created_at.timestamp(),
-        "model": job.model,
-        "choices": [{
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": job.result_content.as_deref().unwrap_or_default(),
-                "refusal": null,
+pub fn completion(job: &Job) -> ChatCompletion {
+    ChatCompletion {
+        id: completion_id(job),
+        object: "chat.completion",
+        created: job.created_at.timestamp(),
+        model: job.model.clone(),
+        choices: vec![CompletionChoice {
+            index: 0,
+            message: CompletionMessage {
+                role: "assistant",
+                content: job.result_content.clone().unwrap_or_default(),
+                refusal: None,
             },
-            "logprobs": null,
-            "finish_reason": job.finish_reason.as_deref().unwrap_or("stop"),
+            logprobs: None,
+            finish_reason: job.finish_reason.as_deref().unwrap_or("stop").to_owned(),
         }],
-        "usage": usage(job),
-        "service_tier": if job.priority == Priority::Batch { "flex" } else { "default" },
-        "system_fingerprint": null,
-    })
+        usage: usage(job),
+        service_tier: if job.priority == Priority::Batch {
+            "flex"
+        } else {
+            "default"
+        },
+        system_fingerprint: None,
+    }
 }
 
 /// A `chat.completion.chunk` with one choice (`delta`, `finish_reason`),
 /// or with none and `usage`.
 pub fn chunk(
     job: &Job,
-    delta: Option<Value>,
+    delta: Option<ChunkDelta>,
     finish_reason: Option<&str>,
-    usage: Option<Value>,
-) -> Value {
+    usage: Option<Usage>,
+) -> ChatCompletionChunk {
     let choices = match delta {
-        Some(delta) => json!([{
-            "index": 0,
-            "delta": delta,
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }]),
-        None => json!([]),
+        Some(delta) => vec![ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish_reason.map(str::to_owned),
+        }],
+        None => vec![],
     };
-    json!({
-        "id": completion_id(job),
-        "object": "chat.completion.chunk",
-        "created": job.created_at.timestamp(),
-        "model": job.model,
-        "choices": choices,
-        "usage": usage,
-        "system_fingerprint": null,
-    })
+    ChatCompletionChunk {
+        id: completion_id(job),
+        object: "chat.completion.chunk",
+        created: job.created_at.timestamp(),
+        model: job.model.clone(),
+        choices,
+        usage,
+        system_fingerprint: None,
+    }
+}
+
+/// The `data:` of an event: the JSON of `value` (the facade's types
+/// always serialize).
+pub fn event_data(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn parse(body: Value) -> Result<CompletionRequest, OpenAiError> {

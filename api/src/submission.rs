@@ -17,9 +17,6 @@ use crate::error::ApiError;
 use crate::limits::Refusal;
 use crate::routes::conversations::{NewConversation, conversation_row};
 
-/// Seconds a client is asked to wait when the work queue is full.
-const QUEUE_FULL_RETRY_AFTER_SECS: u64 = 5;
-
 /// A validated chat turn to queue.
 pub struct TurnInput {
     /// The user's message.
@@ -152,7 +149,7 @@ async fn submit_uncounted(
                     conversations::delete(&state.db, tenant.id, job.conversation_id).await?;
                 }
                 return Err(Refusal::QueueFull {
-                    retry_after_secs: QUEUE_FULL_RETRY_AFTER_SECS,
+                    retry_after_secs: state.positions.seconds_until_room(&state.db).await,
                 }
                 .into());
             }

@@ -2,15 +2,18 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use chatq_common::domain::{Conversation, Job, JobStatus, Message, Role};
 
 /// The job object, the same everywhere a job is returned.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Job)]
 pub struct JobView {
     id: Uuid,
     conversation_id: Uuid,
+    #[schema(value_type = crate::openapi::JobStatusSchema)]
     status: JobStatus,
     model: String,
     attempts: i32,
@@ -18,6 +21,7 @@ pub struct JobView {
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
     /// Why earlier attempts failed: `[{attempt, code, message, at}]`.
+    #[schema(value_type = Vec<crate::openapi::AttemptErrorSchema>)]
     attempt_errors: serde_json::Value,
     /// Present only when `succeeded`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -25,9 +29,36 @@ pub struct JobView {
     /// Present only when `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorView>,
+    /// Present only while `queued`: the job's place in the start order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<QueueView>,
 }
 
-#[derive(Debug, Serialize)]
+/// Where a queued job stands: its place in the order jobs will actually be
+/// started (1 = next) and when it is expected to start.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[schema(as = JobQueue)]
+pub struct QueueView {
+    /// 1 = the next job to start.
+    pub position: i64,
+    /// Expected start time.
+    pub estimated_start_at: DateTime<Utc>,
+}
+
+impl JobView {
+    /// Adds the queue position of a queued job (ignored in other states).
+    #[must_use]
+    pub fn with_queue(mut self, queue: Option<QueueView>) -> Self {
+        if self.status == JobStatus::Queued {
+            self.queue = queue;
+        }
+        self
+    }
+}
+
+/// The answer of a succeeded job.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobResult)]
 struct JobResultView {
     message_id: Option<Uuid>,
     content: String,
@@ -35,7 +66,9 @@ struct JobResultView {
     usage: UsageView,
 }
 
-#[derive(Debug, Serialize)]
+/// Tokens the answer used.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Usage)]
 struct UsageView {
     prompt_tokens: i32,
     completion_tokens: i32,
@@ -43,7 +76,9 @@ struct UsageView {
     total_tokens: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// Why a failed job failed.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobError)]
 struct ErrorView {
     code: String,
     message: String,
@@ -81,16 +116,20 @@ impl From<Job> for JobView {
             attempt_errors: j.attempt_errors,
             result,
             error,
+            queue: None,
         }
     }
 }
 
 /// A conversation.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Conversation)]
 pub struct ConversationView {
     id: Uuid,
     system_prompt: Option<String>,
     model: String,
+    /// The client's metadata, a JSON object.
+    #[schema(value_type = Object)]
     metadata: serde_json::Value,
     created_at: DateTime<Utc>,
 }
@@ -108,9 +147,11 @@ impl From<Conversation> for ConversationView {
 }
 
 /// A message of a conversation.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Message)]
 pub struct MessageView {
     id: Uuid,
+    #[schema(value_type = crate::openapi::RoleSchema)]
     role: Role,
     content: String,
     job_id: Option<Uuid>,
@@ -130,9 +171,10 @@ impl From<Message> for MessageView {
 }
 
 /// A page of a list: `data` and the cursor of the next page.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     data: Vec<T>,
+    /// Pass as `after` to get the next page; `null` on the last page.
     next_after: Option<Uuid>,
 }
 

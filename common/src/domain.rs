@@ -93,6 +93,46 @@ pub struct Job {
     pub sampling: Option<serde_json::Value>,
     /// The lane the job waits in.
     pub priority: Priority,
+    /// Estimated tokens (prompt and reply): the unit of fairness between
+    /// tenants and the reservation against a tokens-per-minute budget.
+    pub cost: i32,
+    /// Place in the start order within its lane (start-time fair queueing).
+    pub start_tag: f64,
+    /// A retry waiting out its delay does not start before this.
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// The job's key in the start order: lane (interactive first), start
+    /// tag, id.
+    pub fn start_key(&self) -> StartKey {
+        StartKey {
+            batch: self.priority == Priority::Batch,
+            tag: self.start_tag,
+            id: self.id,
+        }
+    }
+}
+
+/// A queued job's key in the order jobs start in.
+#[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
+pub struct StartKey {
+    /// In the batch lane (which starts after the interactive lane).
+    pub batch: bool,
+    /// Start tag within the lane.
+    pub tag: f64,
+    /// Ties broken by id.
+    pub id: Uuid,
+}
+
+impl StartKey {
+    /// Total order of start keys (tags are finite).
+    pub fn cmp_order(&self, other: &Self) -> std::cmp::Ordering {
+        self.batch
+            .cmp(&other.batch)
+            .then(self.tag.total_cmp(&other.tag))
+            .then(self.id.cmp(&other.id))
+    }
 }
 
 /// The lane a job waits in: batch work runs on capacity interactive work

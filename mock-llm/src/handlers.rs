@@ -16,6 +16,7 @@ use crate::{
     MockState,
     config::MockConfigPatch,
     faults::{Outcome, StreamEnding, choose, parse_directives, stream_ending},
+    limits::Limits,
     reply::{ChatRequest, Reply, completion_body, error_response, invalid_request},
     stream::{StreamPlan, oversize_response, sse_response},
 };
@@ -24,9 +25,12 @@ use crate::{
 const REDIRECT_LOCATION: &str = "http://127.0.0.2:9/v1/chat/completions";
 
 /// `POST /v1/chat/completions`.
+///
+/// A valid request first passes the rate limits (429 at once if refused,
+/// not counted in `total`, `by_prompt` or the recorded requests); every
+/// answer to it carries the `x-ratelimit-*` headers.
 pub(crate) async fn chat_completions(State(state): State<MockState>, body: Bytes) -> Response {
     let stats = state.stats();
-    let guard = stats.enter();
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(err) => {
@@ -46,9 +50,23 @@ pub(crate) async fn chat_completions(State(state): State<MockState>, body: Bytes
         return invalid_request("messages must contain at least one message");
     }
     let prompt = req.last_user_text();
-    let count = stats.record(Some(value), Some(&prompt));
     let config = state.config();
     let directives = parse_directives(&prompt);
+    // Charged at admission: prompt tokens plus the completion budget.
+    let estimate = Reply::build(&req, directives.words, false);
+    let charge = estimate
+        .prompt_tokens
+        .saturating_add(req.completion_limit().unwrap_or(estimate.completion_tokens));
+    let admission = match state.limiter().admit(stats, &Limits::of(&config), charge) {
+        Ok(admission) => admission,
+        Err(rejection) => {
+            stats.count_rate_limited();
+            return rejection.into_response();
+        }
+    };
+    let (guard, mut charge, rate_headers) =
+        (admission.in_flight, admission.charge, admission.headers);
+    let count = stats.record(Some(value), Some(&prompt));
     let outcome = choose(&directives, count, &config);
     tracing::debug!(?outcome, count, "chat completion");
 
@@ -57,7 +75,7 @@ pub(crate) async fn chat_completions(State(state): State<MockState>, body: Bytes
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
 
-    match outcome {
+    let mut response = match outcome {
         Outcome::Status(status) => status_response(status, config.retry_after_secs),
         Outcome::Hang => {
             state.hang_released().await;
@@ -116,13 +134,18 @@ pub(crate) async fn chat_completions(State(state): State<MockState>, body: Bytes
                     ),
                     ending,
                 };
-                sse_response(req.model(), &reply, plan, guard)
+                charge.set_used(reply.prompt_tokens.saturating_add(reply.completion_tokens));
+                sse_response(req.model(), &reply, plan, guard, charge)
             } else {
-                let reply = Reply::build(&req, directives.words, false);
+                // The same reply the charge was estimated from.
+                let reply = estimate;
+                charge.set_used(reply.prompt_tokens.saturating_add(reply.completion_tokens));
                 Json(completion_body(req.model(), &reply)).into_response()
             }
         }
-    }
+    };
+    response.headers_mut().extend(rate_headers);
+    response
 }
 
 /// An injected error status with an OpenAI error body.
@@ -195,6 +218,7 @@ pub(crate) async fn patch_config(State(state): State<MockState>, body: Bytes) ->
 /// `POST /_mock/reset`.
 pub(crate) async fn reset(State(state): State<MockState>) -> StatusCode {
     state.stats().reset();
+    state.limiter().reset();
     StatusCode::NO_CONTENT
 }
 

@@ -1,11 +1,14 @@
 //! `chatq-mock-llm`: an OpenAI-compatible mock LLM server for local runs,
 //! tests and benchmarks, with configurable latency, streaming and fault
 //! injection (globally by rates, or per request by `[mock:...]` directives in
-//! the last user message).
+//! the last user message), and provider-style rate limits (max concurrency,
+//! requests and tokens per minute) answered with OpenAI's 429s and
+//! `x-ratelimit-*` headers.
 
 mod config;
 mod faults;
 mod handlers;
+mod limits;
 mod reply;
 mod stats;
 mod stream;
@@ -24,6 +27,7 @@ use axum::{
 use tokio_util::sync::CancellationToken;
 
 pub use config::MockConfig;
+use limits::Limiter;
 use stats::Stats;
 
 /// Largest accepted request body.
@@ -43,6 +47,7 @@ pub struct MockState {
 struct Inner {
     config: RwLock<MockConfig>,
     stats: Arc<Stats>,
+    limiter: Arc<Limiter>,
     release_hung: CancellationToken,
 }
 
@@ -53,6 +58,7 @@ impl MockState {
             inner: Arc::new(Inner {
                 config: RwLock::new(config),
                 stats: Arc::new(Stats::default()),
+                limiter: Arc::new(Limiter::default()),
                 release_hung: CancellationToken::new(),
             }),
         }
@@ -96,6 +102,10 @@ impl MockState {
 
     pub(crate) fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
+    }
+
+    pub(crate) fn limiter(&self) -> &Arc<Limiter> {
+        &self.inner.limiter
     }
 
     /// Resolves once [`MockState::release_hung`] has been called.

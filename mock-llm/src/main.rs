@@ -4,13 +4,35 @@ use std::io::Write;
 
 use anyhow::Context;
 use chatq_mock_llm::MockConfig;
-use clap::Parser;
+use clap::{Parser, value_parser};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// OpenAI-compatible mock LLM server with configurable latency, streaming and fault injection.
+///
+/// Rate limits behave like a provider's (OpenAI). Each per-minute limit is a
+/// token bucket of capacity = limit that starts full and refills
+/// continuously at limit per --rate-window-ms: at most `limit` in a burst,
+/// then limit/window steadily.
+///
+/// A chat completion call is admitted only if fewer than --max-concurrency
+/// calls are in flight, the requests bucket holds at least 1 and the tokens
+/// bucket holds at least the call's charge: its prompt tokens (ceil of the
+/// characters of all message contents / 4, at least 1) plus its
+/// `max_tokens` (else `max_completion_tokens`, else the completion tokens
+/// the mock will produce). Admission debits both buckets; when the reply is
+/// complete (or the client goes away) the tokens bucket gets back the charge
+/// minus the `prompt_tokens + completion_tokens` reported in usage (all of
+/// it for answers without usage, such as injected faults).
+///
+/// A refused call is not charged and gets 429 at once with OpenAI's
+/// `rate_limit_exceeded` body (type `requests` or `tokens`), `Retry-After`
+/// (whole seconds until the limiting bucket has room, at least 1) and
+/// `retry-after-ms`. Every answer carries `x-ratelimit-limit-*`,
+/// `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` (`*` = `requests`,
+/// `tokens`) for the configured per-minute limits.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, long_about)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "CHATQ_MOCK_ADDR", default_value = "127.0.0.1:8090")]
@@ -45,6 +67,33 @@ struct Args {
     /// Value of the Retry-After header sent with 429 answers, in seconds.
     #[arg(long, env = "CHATQ_MOCK_RETRY_AFTER_SECS", default_value_t = 1)]
     retry_after_secs: u64,
+    /// Most chat completion calls in flight at once (unset: no limit).
+    ///
+    /// A call beyond it gets 429 (type `requests`) at once, with
+    /// `Retry-After: 1`.
+    #[arg(long, env = "CHATQ_MOCK_MAX_CONCURRENCY", value_parser = value_parser!(u64).range(1..))]
+    max_concurrency: Option<u64>,
+    /// Requests admitted per rate window (unset: no limit).
+    ///
+    /// A token bucket of this capacity, starting full and refilling
+    /// continuously at this many per --rate-window-ms.
+    #[arg(long, env = "CHATQ_MOCK_REQUESTS_PER_MINUTE", value_parser = value_parser!(u64).range(1..))]
+    requests_per_minute: Option<u64>,
+    /// Tokens admitted per rate window (unset: no limit).
+    ///
+    /// A token bucket of this capacity, starting full and refilling
+    /// continuously at this many per --rate-window-ms. A call is charged its
+    /// prompt tokens plus its completion budget; the unused part comes back
+    /// when the reply is complete. A call charged more than the whole
+    /// bucket is refused ("Request too large").
+    #[arg(long, env = "CHATQ_MOCK_TOKENS_PER_MINUTE", value_parser = value_parser!(u64).range(1..))]
+    tokens_per_minute: Option<u64>,
+    /// Length of the rate limits' "minute", in milliseconds.
+    ///
+    /// Tests compress time with it: 2000 makes the per-minute limits mean
+    /// "per 2 seconds".
+    #[arg(long, env = "CHATQ_MOCK_RATE_WINDOW_MS", default_value_t = 60_000, value_parser = value_parser!(u64).range(1..))]
+    rate_window_ms: u64,
 }
 
 /// Parses a probability in `0..=1`.
@@ -72,6 +121,10 @@ impl Args {
             rate_malformed: self.rate_malformed,
             rate_redirect: self.rate_redirect,
             retry_after_secs: self.retry_after_secs,
+            max_concurrency: self.max_concurrency,
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            rate_window_ms: self.rate_window_ms,
         }
     }
 }

@@ -99,6 +99,12 @@ impl ChatRequest {
             .is_some_and(|o| o.include_usage)
     }
 
+    /// The completion budget the mock applies: `max_tokens`, else
+    /// `max_completion_tokens`.
+    pub(crate) fn completion_limit(&self) -> Option<u64> {
+        self.max_tokens.or(self.max_completion_tokens)
+    }
+
     /// Text of the last message with role `user` ("" if there is none).
     pub(crate) fn last_user_text(&self) -> String {
         self.messages
@@ -156,8 +162,7 @@ impl Reply {
             ),
         };
         let pieces = split_pieces(&full);
-        let limit = req.max_tokens.or(req.max_completion_tokens);
-        let (content, finish_reason) = match limit {
+        let (content, finish_reason) = match req.completion_limit() {
             Some(limit) if limit < pieces.len() as u64 => {
                 let kept: String = pieces.iter().take(limit as usize).copied().collect();
                 (kept.trim_end().to_owned(), "length")

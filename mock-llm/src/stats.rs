@@ -17,6 +17,10 @@ pub(crate) const MAX_RECORDED_REQUESTS: usize = 2_000;
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     in_flight: AtomicU64,
+    /// Highest `in_flight` since start or the last reset.
+    peak_in_flight: AtomicU64,
+    /// 429s sent by the rate limits (not by fault injection).
+    rate_limited: AtomicU64,
     /// Streamed replies whose body was dropped before its last event.
     disconnected: AtomicU64,
     inner: Mutex<Inner>,
@@ -81,8 +85,19 @@ impl Stats {
 
     /// Marks a request as in flight until the guard is dropped.
     pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::Relaxed);
         InFlightGuard(Arc::clone(self))
+    }
+
+    /// Calls in flight now.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one call refused by the rate limits.
+    pub(crate) fn count_rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one call, stores its body (if it was JSON) and, if `prompt` is
@@ -106,12 +121,15 @@ impl Stats {
         }
     }
 
-    /// `{"total", "in_flight", "disconnected", "by_prompt"}`.
+    /// `{"total", "in_flight", "peak_in_flight", "rate_limited",
+    /// "disconnected", "by_prompt"}`.
     pub(crate) fn snapshot(&self) -> Value {
         let inner = self.lock();
         json!({
             "total": inner.total,
             "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "peak_in_flight": self.peak_in_flight.load(Ordering::Relaxed),
+            "rate_limited": self.rate_limited.load(Ordering::Relaxed),
             "disconnected": self.disconnected.load(Ordering::Relaxed),
             "by_prompt": inner.by_prompt,
         })
@@ -123,10 +141,14 @@ impl Stats {
         json!({ "data": data })
     }
 
-    /// Zeroes the counters and forgets recorded requests (in-flight stays live).
+    /// Zeroes the counters and forgets recorded requests (in-flight stays
+    /// live; the peak restarts from the calls in flight now).
     pub(crate) fn reset(&self) {
         let mut inner = self.lock();
         self.disconnected.store(0, Ordering::Relaxed);
+        self.rate_limited.store(0, Ordering::Relaxed);
+        self.peak_in_flight
+            .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
         inner.total = 0;
         inner.by_prompt.clear();
         inner.requests.clear();
@@ -156,6 +178,28 @@ mod tests {
         assert_eq!(stats.snapshot()["in_flight"], 1);
         drop(g);
         assert_eq!(stats.snapshot()["in_flight"], 0);
+    }
+
+    #[test]
+    fn peak_in_flight_and_rate_limited_count_and_reset() {
+        let stats = Arc::new(Stats::default());
+        let (a, b) = (stats.enter(), stats.enter());
+        drop(a);
+        stats.count_rate_limited();
+        let snap = stats.snapshot();
+        assert_eq!(
+            (snap["peak_in_flight"].clone(), snap["rate_limited"].clone()),
+            (json!(2), json!(1))
+        );
+        stats.reset();
+        let snap = stats.snapshot();
+        assert_eq!(
+            (snap["peak_in_flight"].clone(), snap["rate_limited"].clone()),
+            (json!(1), json!(0)),
+            "one call still in flight"
+        );
+        drop(b);
+        assert_eq!(stats.in_flight(), 0);
     }
 
     #[test]

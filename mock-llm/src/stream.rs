@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::{
     faults::StreamEnding,
+    limits::Charge,
     reply::{Reply, completion_id, split_pieces, unix_now},
     stats::{InFlightGuard, StreamGuard},
 };
@@ -138,17 +139,20 @@ fn steps(model: &str, reply: &Reply, plan: &StreamPlan) -> Vec<Step> {
 /// 200 `text/event-stream` with the reply split into one chunk per word,
 /// sleeping the plan's chunk delay before each content chunk and ending as
 /// the plan says. A body dropped before its last step (the client went
-/// away) is counted as disconnected.
+/// away) is counted as disconnected. The call's token `charge` is settled
+/// when the body ends or is dropped.
 pub(crate) fn sse_response(
     model: &str,
     reply: &Reply,
     plan: StreamPlan,
     in_flight: InFlightGuard,
+    charge: Charge,
 ) -> Response {
     let delay = plan.chunk_delay;
     let steps = steps(model, reply, &plan).into_iter();
     let guard = StreamGuard::new(in_flight);
-    let body = stream::unfold((steps, guard), move |(mut steps, mut guard)| async move {
+    let state = (steps, guard, charge);
+    let body = stream::unfold(state, move |(mut steps, mut guard, charge)| async move {
         let step = steps.next()?;
         let item = match step {
             Step::Send(bytes, sleep_before) => {
@@ -169,7 +173,7 @@ pub(crate) fn sse_response(
         if steps.as_slice().is_empty() {
             guard.finish();
         }
-        Some((item, (steps, guard)))
+        Some((item, (steps, guard, charge)))
     });
     (
         StatusCode::OK,

@@ -191,7 +191,14 @@ async fn stats_count_calls_per_prompt_and_reset() {
     let stats = json_of(&call(&app, Method::GET, "/_mock/stats", None).await.2);
     assert_eq!(
         stats,
-        json!({"total": 0, "in_flight": 0, "disconnected": 0, "by_prompt": {}})
+        json!({
+            "total": 0,
+            "in_flight": 0,
+            "peak_in_flight": 0,
+            "rate_limited": 0,
+            "disconnected": 0,
+            "by_prompt": {},
+        })
     );
 }
 
@@ -566,4 +573,251 @@ async fn a_stream_dropped_by_the_client_counts_as_disconnected() {
     assert_eq!(stats["disconnected"], 1, "{stats}");
     assert_eq!(stats["in_flight"], 0, "{stats}");
     assert_eq!(stats["total"], 2);
+}
+
+fn header_str<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("header {name} missing in {headers:?}"))
+        .to_str()
+        .expect("ascii header")
+}
+
+fn with_limits(state: &MockState, config: MockConfig) {
+    state.set_config(config).expect("valid config");
+}
+
+#[tokio::test]
+async fn requests_per_minute_refuses_the_excess_with_openai_429s() {
+    let (state, app) = app();
+    with_limits(
+        &state,
+        MockConfig {
+            requests_per_minute: Some(3),
+            rate_window_ms: 1_000,
+            ..MockConfig::default()
+        },
+    );
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        answers.push(chat(&app, request(&format!("limited {i}"))).await);
+    }
+    let statuses: Vec<StatusCode> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses[..3], [StatusCode::OK; 3]);
+    assert_eq!(statuses[3..], [StatusCode::TOO_MANY_REQUESTS; 2]);
+
+    let first = &answers[0].1;
+    assert_eq!(header_str(first, "x-ratelimit-limit-requests"), "3");
+    assert_eq!(header_str(first, "x-ratelimit-remaining-requests"), "2");
+    // One request's worth of refill at 3 per second: at most 334 ms.
+    let reset = header_str(first, "x-ratelimit-reset-requests");
+    let reset_ms: u64 = reset
+        .strip_suffix("ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("reset {reset}"));
+    assert!((1..=334).contains(&reset_ms), "{reset}");
+    assert!(
+        first.get("x-ratelimit-limit-tokens").is_none(),
+        "tokens not limited"
+    );
+    assert_eq!(
+        header_str(&answers[2].1, "x-ratelimit-remaining-requests"),
+        "0"
+    );
+
+    for (_, headers, body) in &answers[3..] {
+        let body = json_of(body);
+        assert_eq!(body["error"]["type"], "requests");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["param"], Value::Null);
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(
+            message.starts_with("Rate limit reached for requests"),
+            "{message}"
+        );
+        assert_eq!(header_str(headers, "retry-after"), "1");
+        let wait: u64 = header_str(headers, "retry-after-ms").parse().expect("ms");
+        assert!((1..=334).contains(&wait), "{wait}");
+        assert_eq!(header_str(headers, "x-ratelimit-limit-requests"), "3");
+        assert_eq!(header_str(headers, "x-ratelimit-remaining-requests"), "0");
+        assert!(headers.contains_key("x-ratelimit-reset-requests"));
+    }
+    let stats = stats_of(&app).await;
+    assert_eq!(stats["rate_limited"], 2, "{stats}");
+    // Refused calls never reached the model.
+    assert_eq!(stats["total"], 3, "{stats}");
+    assert_eq!(stats["by_prompt"].get("limited 3"), None, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+
+    // After the advised wait the bucket has room again.
+    let wait: u64 = header_str(&answers[4].1, "retry-after-ms")
+        .parse()
+        .expect("ms");
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    assert_eq!(
+        chat(&app, request("after the wait")).await.0,
+        StatusCode::OK
+    );
+
+    call(&app, Method::POST, "/_mock/reset", None).await;
+    assert_eq!(stats_of(&app).await["rate_limited"], 0);
+}
+
+#[tokio::test]
+async fn tokens_per_minute_charges_the_budget_and_refunds_the_unused_part() {
+    let (state, app) = app();
+    with_limits(
+        &state,
+        MockConfig {
+            tokens_per_minute: Some(100),
+            // 100 per 10 minutes: no noticeable refill during the test.
+            rate_window_ms: 600_000,
+            ..MockConfig::default()
+        },
+    );
+    // "be brief" + "t" = 9 chars: 3 prompt tokens; budget 50: charge 53.
+    let mut req = request("t");
+    req["max_tokens"] = json!(50);
+    let (status, headers, body) = chat(&app, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header_str(&headers, "x-ratelimit-limit-tokens"), "100");
+    assert_eq!(header_str(&headers, "x-ratelimit-remaining-tokens"), "47");
+    assert!(headers.get("x-ratelimit-limit-requests").is_none());
+    let usage = json_of(&body)["usage"].clone();
+    assert_eq!(usage["prompt_tokens"], 3);
+    // The default reply has 8 words: 11 used, 42 of the 53 come back.
+    assert_eq!(usage["completion_tokens"], 8);
+
+    // 89 left after the refund: a charge of 93 waits, 83 passes.
+    let mut big = request("t");
+    big["max_tokens"] = json!(90);
+    let (status, headers, body) = chat(&app, big).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let body = json_of(&body);
+    assert_eq!(body["error"]["type"], "tokens");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(header_str(&headers, "x-ratelimit-remaining-tokens"), "89");
+    // 4 tokens at 100 per 600 s: 24 s.
+    assert_eq!(header_str(&headers, "retry-after"), "24");
+    // (Minus the few microseconds of refill since the first call.)
+    let wait: u64 = header_str(&headers, "retry-after-ms").parse().expect("ms");
+    assert!((23_000..=24_000).contains(&wait), "{wait}");
+
+    // A streamed call is settled when its body ends: charge 83, used 3 + 8.
+    let mut streamed = stream_request("t");
+    streamed["max_tokens"] = json!(80);
+    let (status, headers, body) = chat(&app, streamed).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header_str(&headers, "x-ratelimit-remaining-tokens"), "6");
+    assert_eq!(content_pieces(&sse_data(&body)).len(), 8);
+    let (_, headers, _) = chat(&app, request("t")).await;
+    // 89 - 11 (the stream) - 11 (this call, charged its 8-word reply).
+    assert_eq!(header_str(&headers, "x-ratelimit-remaining-tokens"), "67");
+
+    // More than the whole bucket can never pass.
+    let mut huge = request("t");
+    huge["max_completion_tokens"] = json!(1_000);
+    let (status, _, body) = chat(&app, huge).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let message = json_of(&body)["error"]["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .expect("message")
+            .starts_with("Request too large"),
+        "{message}"
+    );
+    let stats = stats_of(&app).await;
+    assert_eq!(
+        (stats["rate_limited"].clone(), stats["total"].clone()),
+        (json!(2), json!(3))
+    );
+}
+
+#[tokio::test]
+async fn max_concurrency_refuses_calls_beyond_it_at_once() {
+    let (state, app) = app();
+    with_limits(
+        &state,
+        MockConfig {
+            max_concurrency: Some(2),
+            latency_ms: 300,
+            ..MockConfig::default()
+        },
+    );
+    let start = Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let answer = chat(&app, request(&format!("overlap {i}"))).await;
+                (answer, start.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for call in calls {
+        let ((status, headers, body), took) = call.await.expect("task");
+        assert!(
+            headers.get("x-ratelimit-limit-requests").is_none(),
+            "no per-minute limits"
+        );
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                assert!(
+                    took < Duration::from_millis(300),
+                    "refused at once, took {took:?}"
+                );
+                assert_eq!(json_of(&body)["error"]["type"], "requests");
+                assert_eq!(header_str(&headers, "retry-after"), "1");
+                assert_eq!(header_str(&headers, "retry-after-ms"), "1000");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, refused), (2, 3));
+    let stats = stats_of(&app).await;
+    assert_eq!(stats["peak_in_flight"], 2, "{stats}");
+    assert_eq!(stats["rate_limited"], 3, "{stats}");
+    assert_eq!(stats["in_flight"], 0, "{stats}");
+    assert_eq!(stats["total"], 2, "{stats}");
+    // The slots are free again.
+    assert_eq!(chat(&app, request("later")).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rate_limits_are_patchable_at_run_time() {
+    let (_, app) = app();
+    let patch = |body: Value| call(&app, Method::POST, "/_mock/config", Some(body));
+    let (status, _, body) =
+        patch(json!({"requests_per_minute": 1, "rate_window_ms": 60_000})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json_of(&body)["requests_per_minute"], 1);
+    assert_eq!(json_of(&body)["max_concurrency"], Value::Null);
+    assert_eq!(chat(&app, request("one")).await.0, StatusCode::OK);
+    assert_eq!(
+        chat(&app, request("two")).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The reset refills the buckets.
+    call(&app, Method::POST, "/_mock/reset", None).await;
+    assert_eq!(chat(&app, request("three")).await.0, StatusCode::OK);
+    // null removes a limit; a missing field keeps it.
+    let (_, _, body) = patch(json!({"latency_ms": 0})).await;
+    assert_eq!(json_of(&body)["requests_per_minute"], 1);
+    let (_, _, body) = patch(json!({"requests_per_minute": null})).await;
+    assert_eq!(json_of(&body)["requests_per_minute"], Value::Null);
+    let (status, headers, _) = chat(&app, request("four")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("x-ratelimit-limit-requests").is_none());
+    for bad in [
+        json!({"max_concurrency": 0}),
+        json!({"tokens_per_minute": 0}),
+        json!({"rate_window_ms": 0}),
+    ] {
+        assert_eq!(patch(bad).await.0, StatusCode::BAD_REQUEST);
+    }
 }

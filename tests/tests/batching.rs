@@ -273,25 +273,38 @@ async fn batched_claims_and_results_honour_each_claim_token() -> anyhow::Result<
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     let lease = Duration::from_secs(30);
 
-    // Job a is delivered twice into one batch: it is claimed under one token only.
-    let (t1, t2, tb) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    let claimed = jobs::claim_many(&env.db, &[(a, t1), (a, t2), (b, tb)], lease).await?;
-    let mut by_job: HashMap<Uuid, Uuid> = HashMap::new();
-    for job in &claimed {
-        assert!(
-            by_job
-                .insert(job.id, job.claim_token.unwrap_or_default())
-                .is_none()
-        );
-    }
-    assert_eq!(by_job.len(), 2, "a and b claimed once each");
-    let ta = by_job[&a];
-    assert!(ta == t1 || ta == t2);
-    assert_eq!(by_job[&b], tb);
-    // Claimed jobs are not claimed again; c, never claimed, is.
-    let again =
-        jobs::claim_many(&env.db, &[(a, Uuid::new_v4()), (c, Uuid::new_v4())], lease).await?;
-    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![c]);
+    // Messages are tokens of work: each claims the next job in start order
+    // (one tenant: submission order), whatever job it names, except a
+    // message naming no job at all, which claims nothing.
+    let claimed_by = |claimed: &[chatq_common::domain::Job]| -> Vec<(Uuid, Uuid)> {
+        claimed
+            .iter()
+            .map(|j| (j.id, j.claim_token.unwrap_or_default()))
+            .collect()
+    };
+    let (poison, t1) = (Uuid::now_v7(), Uuid::new_v4());
+    let first =
+        jobs::claim_many(&env.db, &[(poison, Uuid::new_v4()), (b, t1)], None, lease).await?;
+    assert_eq!(
+        claimed_by(&first),
+        vec![(a, t1)],
+        "the poison message claims nothing"
+    );
+    // Job a delivered again, twice, and c: b and c are claimed, once each;
+    // the third message finds nothing left.
+    let (t2, t3, t4) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut rest =
+        claimed_by(&jobs::claim_many(&env.db, &[(a, t2), (a, t3), (c, t4)], None, lease).await?);
+    rest.sort();
+    let mut expected = vec![(b, t2), (c, t3)];
+    expected.sort();
+    assert_eq!(rest, expected);
+    assert!(
+        jobs::claim_many(&env.db, &[(b, Uuid::new_v4())], None, lease)
+            .await?
+            .is_empty()
+    );
+    let (ta, tb) = (t1, t2);
 
     // Results are written only under the claim's token.
     let success = |id, token, text: &str| Success {
@@ -303,7 +316,7 @@ async fn batched_claims_and_results_honour_each_claim_token() -> anyhow::Result<
         prompt_tokens: Some(1),
         completion_tokens: Some(2),
     };
-    let loser = if ta == t1 { t2 } else { t1 };
+    let loser = t3;
     let written = jobs::succeed_many(
         &env.db,
         &[success(a, loser, "stale"), success(b, tb, "reply b")],

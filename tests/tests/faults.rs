@@ -524,7 +524,12 @@ async fn long_retry_delays_wait_in_the_broker_without_holding_a_worker_slot() ->
         ..Default::default()
     })
     .await?;
-    let slow_conv = env.api.create_conversation(&key, &json!({})).await?;
+    // Another model than the quick job's: the provider's 429 pauses every
+    // call of its model (flow control), which is not what this test is about.
+    let slow_conv = env
+        .api
+        .create_conversation(&key, &json!({"model": "limited-model"}))
+        .await?;
     let slow = env
         .api
         .submit(&key, &slow_conv, "always limited [mock:status=429]")

@@ -360,3 +360,40 @@ async fn hostile_input_is_a_400_naming_the_field_and_stores_and_logs_nothing() -
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn json_numbers_at_the_edges_of_a_double_are_stored_and_read_back_unchanged()
+-> anyhow::Result<()> {
+    // Found by schemathesis: PostgreSQL prints a stored 1.79e308 with all its
+    // 309 digits, which an approximate float parser reads as out of range.
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let metadata = serde_json::json!({
+        "max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "third": 1.0 / 3.0,
+        "u64": u64::MAX, "i64": i64::MIN, "nested": [[1.7976931348623157e308]],
+    });
+    let created = env
+        .api
+        .post(
+            "/v1/conversations",
+            &key,
+            &serde_json::json!({ "metadata": metadata }),
+        )
+        .await?;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["metadata"], metadata);
+    let id = created.str("id");
+    let read = env
+        .api
+        .get(&format!("/v1/conversations/{id}"), &key)
+        .await?;
+    assert_eq!((read.status, &read.body["metadata"]), (200, &metadata));
+    let listed = env.api.get("/v1/conversations", &key).await?;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.body["data"][0]["metadata"], metadata);
+    env.cleanup().await;
+    Ok(())
+}

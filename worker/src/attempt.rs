@@ -23,6 +23,7 @@ use uuid::Uuid;
 use chatq_common::db::jobs::{self, AttemptEnd};
 use chatq_common::domain::DeltaEvent;
 
+use crate::budget::{Acquired, DEFAULT_PROVIDER_PAUSE, Permit};
 use crate::llm::{ChatRequest, Completion, LlmError};
 use crate::retry;
 use crate::runner::{IN_PROCESS_RETRY_MAX, JobContext, with_db_retry};
@@ -79,25 +80,65 @@ pub struct Stops<'a> {
     pub abandon: &'a CancellationToken,
 }
 
+/// The claimed job's first call.
+pub struct FirstCall {
+    /// The attempt number the claim started.
+    pub attempt: i32,
+    /// Tokens to reserve from the shared budget for each call.
+    pub cost: i32,
+    /// Capacity taken for the first call before the claim, if the model
+    /// has a shared budget.
+    pub permit: Option<Permit>,
+}
+
 /// Calls the LLM for `job_id` under claim `token`, starting at attempt
-/// `first_attempt`, retrying retryable failures while the budget lasts.
+/// `first.attempt`, retrying retryable failures while the attempt budget
+/// lasts. Every call holds capacity of the shared LLM budget (the first
+/// call's was taken before the claim); a retry that cannot get it within
+/// [`IN_PROCESS_RETRY_MAX`] waits in the broker instead.
 pub async fn call_with_retries(
     ctx: &JobContext,
     job_id: Uuid,
     token: Uuid,
-    first_attempt: i32,
+    first: FirstCall,
     request: &ChatRequest,
     stops: Stops<'_>,
 ) -> Call {
     let max_attempts = i32::try_from(ctx.config.max_attempts.max(1)).unwrap_or(i32::MAX);
-    let mut attempt = first_attempt.max(1);
+    let mut attempt = first.attempt.max(1);
+    let mut permit = first.permit;
     loop {
         let started = Instant::now();
-        let (result, partial) = match one_attempt(ctx, job_id, token, attempt, request, stops).await
-        {
+        let answered = one_attempt(ctx, job_id, token, attempt, request, stops).await;
+        let used = match &answered {
+            Attempt::Answered(Ok(c), _) => c
+                .prompt_tokens
+                .zip(c.completion_tokens)
+                .map(|(p, c)| p.saturating_add(c)),
+            _ => None,
+        };
+        if let Some(permit) = permit.take() {
+            ctx.budget.release(permit, used, true).await;
+        }
+        let (result, partial) = match answered {
             Attempt::Answered(result, partial) => (result, partial),
             Attempt::Stopped(call) => return call,
         };
+        match &result {
+            Ok(Completion {
+                provider_pause: Some(pause),
+                ..
+            }) => ctx.budget.provider_pause(&request.model, *pause).await,
+            Err(LlmError::Retryable {
+                code: crate::llm::RATE_LIMITED,
+                retry_after,
+                ..
+            }) => {
+                let pause = retry_after.unwrap_or(DEFAULT_PROVIDER_PAUSE);
+                ctx.budget.provider_pause(&request.model, pause).await;
+            }
+            _ => {}
+        }
         let elapsed = started.elapsed();
         let latency_ms = elapsed.as_millis();
         ctx.metrics
@@ -128,6 +169,15 @@ pub async fn call_with_retries(
             () = tokio::time::sleep(delay) => {}
             () = stops.lost.cancelled() => return Call::Lost,
             () = stops.abandon.cancelled() => return Call::Abandoned,
+        }
+        let acquired = tokio::select! {
+            a = ctx.budget.acquire(&request.model, first.cost, Some(IN_PROCESS_RETRY_MAX), stops.abandon) => a,
+            () = stops.lost.cancelled() => return Call::Lost,
+        };
+        match acquired {
+            Acquired::Ready(p) => permit = p,
+            Acquired::Later(delay) => return Call::Deferred { failed, delay },
+            Acquired::Stopped => return Call::Abandoned,
         }
         let end = failed.end();
         let recorded = with_db_retry("record the retry attempt", || {

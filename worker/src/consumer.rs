@@ -222,17 +222,31 @@ async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: Canc
             return;
         }
     };
-    let id = message.job_id();
-    let span = tracing::info_span!("job", job_id = %id, job.attempt = tracing::field::Empty);
+    let hint = message.job_id();
+    let span = tracing::info_span!(
+        "job",
+        job_id = tracing::field::Empty,
+        message.job_id = %hint,
+        job.attempt = tracing::field::Empty
+    );
     async {
-        let settle_as = match run_job(&ctx, id, &abandon).await {
+        let settle_as = match run_job(&ctx, hint, &abandon).await {
             Ok(Outcome::Done) => Settle::Ack,
             Ok(Outcome::UnknownJob) => {
                 tracing::warn!("message names no job; dead-lettering");
                 Settle::DeadLetter
             }
             Ok(Outcome::Released) => Settle::Requeue,
-            Ok(Outcome::Failed) => Settle::DeadLetter,
+            Ok(Outcome::Failed(job)) if job == hint => Settle::DeadLetter,
+            // The message started another job than its own: dead-letter
+            // that job by name; the message itself is spent.
+            Ok(Outcome::Failed(job)) => match ctx.publisher.publish_dead(job).await {
+                Ok(()) => Settle::Ack,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not dead-letter the failed job; requeueing the message");
+                    Settle::Requeue
+                }
+            },
             Err(err) => {
                 // The database stayed away past the retry budget: requeue; the
                 // lease (if claimed) lapses and recovery takes the job over.

@@ -2,6 +2,7 @@
 //! OpenAI-compatible LLM and writes the replies to PostgreSQL.
 
 pub mod attempt;
+pub mod budget;
 pub mod cancels;
 pub mod consumer;
 pub mod controls;
@@ -80,6 +81,62 @@ pub struct WorkerConfig {
         default_value = "127.0.0.1:9091"
     )]
     pub metrics_addr: String,
+    /// LLM calls in flight across all workers together (unset: no shared cap).
+    #[arg(long, env = "CHATQ_LLM_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub llm_max_concurrency: Option<u32>,
+    /// LLM requests per minute across all workers together (unset: none).
+    #[arg(long, env = "CHATQ_LLM_REQUESTS_PER_MINUTE", value_parser = parse_rate)]
+    pub llm_requests_per_minute: Option<f64>,
+    /// LLM tokens (prompt and reply) per minute across all workers together
+    /// (unset: none). Each call reserves its estimate before it starts; the
+    /// difference is refunded when the reply's usage arrives.
+    #[arg(long, env = "CHATQ_LLM_TOKENS_PER_MINUTE", value_parser = parse_rate)]
+    pub llm_tokens_per_minute: Option<f64>,
+    /// Per-model overrides of the three limits above, as JSON:
+    /// `{"<model>": {"max_concurrency"?, "requests_per_minute"?, "tokens_per_minute"?}}`;
+    /// a model's entry replaces only the limits it names.
+    #[arg(long, env = "CHATQ_LLM_MODEL_LIMITS")]
+    pub llm_model_limits: Option<String>,
+    /// Length in seconds of the "minute" of the per-minute limits (for
+    /// tests and benchmarks that compress time; keep 60 in production).
+    #[arg(long = "llm-rate-window-secs", env = "CHATQ_LLM_RATE_WINDOW_SECS", default_value = "60", value_parser = parse_secs)]
+    pub llm_rate_window: Duration,
+}
+
+impl WorkerConfig {
+    /// The shared LLM budget's settings.
+    pub fn budget(&self) -> Result<budget::BudgetConfig, String> {
+        let default = chatq_common::db::llm_budget::Limits {
+            max_concurrency: self.llm_max_concurrency,
+            requests: self.llm_requests_per_minute,
+            tokens: self.llm_tokens_per_minute,
+        };
+        let overrides = match &self.llm_model_limits {
+            Some(json) if !json.trim().is_empty() => budget::BudgetConfig::parse_overrides(json)?,
+            _ => std::collections::HashMap::new(),
+        };
+        if self.llm_rate_window.is_zero() {
+            return Err("CHATQ_LLM_RATE_WINDOW_SECS must be positive".to_owned());
+        }
+        Ok(budget::BudgetConfig {
+            default,
+            models: overrides
+                .into_iter()
+                .map(|(model, o)| (model, o.over(default)))
+                .collect(),
+            window: self.llm_rate_window,
+            // A call cannot outlive its timeout; a dead worker's capacity
+            // returns one lease after that.
+            lease: self.llm_timeout + self.lease,
+        })
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number, got {s:?}")),
+    }
 }
 
 /// Runs the worker until `shutdown` (or, with `drain`, until the queue is
@@ -104,6 +161,7 @@ pub async fn run(
         republish_after: config.republish_after,
         max_attempts: config.max_attempts,
     };
+    let budget_config = config.budget().map_err(anyhow::Error::msg)?;
     let stop_background = CancellationToken::new();
     let metrics = Arc::new(metrics::WorkerMetrics::new(config.concurrency));
     metrics::start(
@@ -121,6 +179,7 @@ pub async fn run(
         llm,
         publisher: publisher.clone(),
         cancels: cancels::CancelWatch::start(db.clone(), stop_background.clone()),
+        budget: budget::Budget::start(db.clone(), budget_config, stop_background.clone()),
         metrics,
         config,
     });

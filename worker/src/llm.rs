@@ -61,7 +61,13 @@ pub struct Completion {
     pub prompt_tokens: Option<i32>,
     /// Completion tokens, if reported.
     pub completion_tokens: Option<i32>,
+    /// The provider's `x-ratelimit-remaining-*` said nothing is left: how
+    /// long until its `x-ratelimit-reset-*`.
+    pub provider_pause: Option<Duration>,
 }
+
+/// Error code of a call the provider refused with 429.
+pub const RATE_LIMITED: &str = "llm_rate_limited";
 
 /// A failed LLM call, classified for the retry decision.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,6 +167,7 @@ impl LlmClient {
         }
         let mut response = call.send().await.map_err(transport_error)?;
         let status = response.status();
+        let exhausted = exhausted_for(response.headers());
         if !status.is_success() {
             let retry_after = response
                 .headers()
@@ -169,6 +176,12 @@ impl LlmClient {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
+            // A 429 lasts until the later of `Retry-After` and the reset of
+            // the limit that ran out.
+            let retry_after = match (retry_after, exhausted) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             let body = read_capped(&mut response).await?;
             return Err(status_error(status, retry_after, &body));
         }
@@ -178,14 +191,91 @@ impl LlmClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         if !is_event_stream {
-            let completion = parse_completion(&read_capped(&mut response).await?)?;
+            let mut completion = parse_completion(&read_capped(&mut response).await?)?;
             if !completion.content.is_empty() {
                 sink(&completion.content);
             }
+            completion.provider_pause = exhausted;
             return Ok(completion);
         }
-        read_stream(&mut response, sink).await
+        let mut completion = read_stream(&mut response, sink).await?;
+        completion.provider_pause = exhausted;
+        Ok(completion)
     }
+}
+
+/// How long until the provider has room again, when its
+/// `x-ratelimit-remaining-requests` or `-tokens` header says none is left:
+/// the time its bucket needs for one more request (or a twentieth of the
+/// tokens), that is `x-ratelimit-reset-*` (the time until the bucket is
+/// full again) divided by `x-ratelimit-limit-*` (its size) and multiplied
+/// by what is missing. At most [`MAX_RETRY_AFTER`].
+fn exhausted_for(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let number = |name: String| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    [("requests", None), ("tokens", Some(0.05))]
+        .iter()
+        .filter_map(|&(kind, share)| {
+            let left = number(format!("x-ratelimit-remaining-{kind}"))?;
+            if left >= 1.0 {
+                return None;
+            }
+            let reset = headers
+                .get(format!("x-ratelimit-reset-{kind}"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_reset)
+                .unwrap_or(Duration::from_secs(1));
+            Some(match number(format!("x-ratelimit-limit-{kind}")) {
+                // The reset is the time to refill `limit - left`.
+                Some(limit) if limit >= 1.0 => {
+                    let missing = (limit - left).max(1.0);
+                    let unit = reset.as_secs_f64() / missing;
+                    Duration::from_secs_f64(
+                        (unit * share.map_or(1.0, |s| (limit * s).max(1.0)))
+                            .min(reset.as_secs_f64()),
+                    )
+                }
+                _ => reset,
+            })
+        })
+        .max()
+        .map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+/// Parses OpenAI's reset durations: `1s`, `6m0s`, `120ms`, `1.5s`,
+/// `1h2m3.5s`; a bare number is seconds.
+fn parse_reset(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).ok();
+    }
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&i| i > 0)?;
+        let value: f64 = rest[..split].parse().ok()?;
+        rest = &rest[split..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// Body of a streamed call: the request plus the streaming options.
@@ -273,6 +363,7 @@ async fn read_stream(
         finish_reason,
         prompt_tokens,
         completion_tokens,
+        provider_pause: None,
     })
 }
 
@@ -293,7 +384,7 @@ fn status_error(
     let message = tenant_message(&format!("the LLM answered {status}: {detail}"));
     match status.as_u16() {
         429 => LlmError::Retryable {
-            code: "llm_rate_limited",
+            code: RATE_LIMITED,
             message,
             retry_after,
         },
@@ -471,12 +562,49 @@ fn parse_completion(body: &[u8]) -> Result<Completion, LlmError> {
             .usage
             .as_ref()
             .and_then(|u| token_count(u.completion_tokens.as_ref())),
+        provider_pause: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_durations_parse_like_openai_writes_them() {
+        let ms = |t: &str| parse_reset(t).map(|d| d.as_millis());
+        assert_eq!(ms("1s"), Some(1000));
+        assert_eq!(ms("6m0s"), Some(360_000));
+        assert_eq!(ms("120ms"), Some(120));
+        assert_eq!(ms("1.5s"), Some(1500));
+        assert_eq!(ms("1h2m3.5s"), Some(3_723_500));
+        assert_eq!(ms("2"), Some(2000));
+        assert_eq!(ms("soon"), None);
+        assert_eq!(ms("5x"), None);
+    }
+
+    #[test]
+    fn exhausted_limits_pause_until_their_reset() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            "3".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        h.insert(
+            "x-ratelimit-reset-requests",
+            "2s".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(exhausted_for(&h), None);
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            "0".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        h.insert(
+            "x-ratelimit-reset-tokens",
+            "750ms".parse().unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(exhausted_for(&h), Some(Duration::from_millis(750)));
+    }
 
     #[test]
     fn parses_an_openai_completion() {

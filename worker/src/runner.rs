@@ -13,10 +13,11 @@ use uuid::Uuid;
 
 use chatq_common::db::jobs::{self, AttemptEnd};
 use chatq_common::db::{self, controls};
-use chatq_common::domain::{Job, JobStatus, new_id};
+use chatq_common::domain::{Job, new_id};
 use chatq_common::queue::Publisher;
 
 use crate::attempt::{Call, Failed, Stops, call_with_retries};
+use crate::budget::{Acquired, Budget, Permit};
 use crate::cancels::CancelWatch;
 use crate::llm::{ChatRequest, Completion, LlmClient};
 use crate::metrics::{JobOutcome, WorkerMetrics};
@@ -37,6 +38,8 @@ pub struct JobContext {
     pub publisher: Publisher,
     /// Stops the calls of cancelled jobs at once.
     pub cancels: CancelWatch,
+    /// The LLM capacity shared by every worker.
+    pub budget: Arc<Budget>,
     /// Prometheus metrics of this process.
     pub metrics: Arc<WorkerMetrics>,
     /// Settings.
@@ -53,9 +56,9 @@ pub enum Outcome {
     UnknownJob,
     /// Shutting down: the claim was given back; requeue the message.
     Released,
-    /// The job failed for good: dead-letter the message for inspection and
-    /// replay.
-    Failed,
+    /// The job failed for good: dead-letter it for inspection and replay
+    /// (the message, when it was published for this job).
+    Failed(Uuid),
 }
 
 /// Longest retry pause slept in-process; longer ones wait in the broker's
@@ -86,27 +89,38 @@ where
     }
 }
 
-/// Handles the job `id` from the queue.
+/// Handles a message of the work queue: starts the next job in start order
+/// (see [`jobs::claim`]; `hint` is the job the message was published for)
+/// and runs it to its end.
 pub async fn run_job(
     ctx: &Arc<JobContext>,
-    id: Uuid,
+    hint: Uuid,
     abandon: &CancellationToken,
 ) -> sqlx::Result<Outcome> {
     let _in_flight = ctx.metrics.job_started();
     let token = Uuid::new_v4();
     let lease = ctx.config.lease;
-    // Registered before the claim: a cancellation announced from here on
-    // stops the call at once.
-    let lost = CancellationToken::new();
-    let _registered = ctx.cancels.register(id, lost.clone());
-    let job = match claim_when_unpaused(ctx, id, token, abandon).await? {
-        Claimed::Job(job) => *job,
+    let (job, permit) = match claim_next(ctx, hint, token, abandon).await? {
+        Claimed::Job(job, permit) => (*job, permit),
         Claimed::Not(outcome) => return Ok(outcome),
     };
-    tracing::Span::current().record("job.attempt", job.attempts);
+    let id = job.id;
+    let span = tracing::Span::current();
+    span.record("job_id", tracing::field::display(id));
+    span.record("job.attempt", job.attempts);
+    // Registered right after the claim: a cancellation announced from here
+    // on stops the call at once (one announced between the claim and here
+    // is caught by the first heartbeat).
+    let lost = CancellationToken::new();
+    let _registered = ctx.cancels.register(id, lost.clone());
     let request = match load_request(ctx, &job).await? {
         Some(r) => r,
-        None => return Ok(Outcome::Done),
+        None => {
+            if let Some(permit) = permit {
+                ctx.budget.release(permit, None, false).await;
+            }
+            return Ok(Outcome::Done);
+        }
     };
 
     // Heartbeat: keeps the lease while the call runs; stops the call if the
@@ -120,7 +134,12 @@ pub async fn run_job(
         lost: &lost,
         abandon,
     };
-    let called = call_with_retries(ctx, id, token, job.attempts, &request, stops).await;
+    let first = crate::attempt::FirstCall {
+        attempt: job.attempts,
+        cost: job.cost,
+        permit,
+    };
+    let called = call_with_retries(ctx, id, token, first, &request, stops).await;
     heartbeat.abort();
 
     match called {
@@ -150,7 +169,7 @@ async fn defer(
     delay: Duration,
 ) -> sqlx::Result<Outcome> {
     let end = failed.end();
-    let deferred = with_db_retry("defer", || jobs::defer(&ctx.db, id, token, &end)).await?;
+    let deferred = with_db_retry("defer", || jobs::defer(&ctx.db, id, token, &end, delay)).await?;
     if !deferred {
         ctx.metrics.job_finished(JobOutcome::Discarded);
         return Ok(Outcome::Done);
@@ -224,7 +243,7 @@ async fn end_failed(
     if failed {
         ctx.metrics.job_finished(JobOutcome::Failed);
         tracing::warn!(job_id = %id, code = end.code, "job failed");
-        Ok(Outcome::Failed)
+        Ok(Outcome::Failed(id))
     } else {
         ctx.metrics.job_finished(JobOutcome::Discarded);
         Ok(Outcome::Done)
@@ -233,56 +252,131 @@ async fn end_failed(
 
 /// How often a message held during a pause looks at the switch again.
 const PAUSED_RECHECK: Duration = Duration::from_millis(250);
+/// Pause before claiming again when startable jobs were locked by others.
+const RECLAIM_PAUSE: Duration = Duration::from_millis(100);
 
 enum Claimed {
-    Job(Box<Job>),
+    Job(Box<Job>, Option<Permit>),
     Not(Outcome),
 }
 
-/// Claims the job. The claim statement itself refuses while an operator has
-/// paused consumption (so once `pause` has answered, nothing starts); a
-/// message refused that way is held here, unacked, unstarted and not counted
-/// as an attempt, until `resume`, then claimed. Anything else that refuses
-/// the claim (already claimed, terminal) makes this a duplicate delivery.
-async fn claim_when_unpaused(
+/// Claims the next job in start order for this message. With a shared LLM
+/// budget, capacity for the next job's model is taken first, so a job
+/// waiting for capacity stays `queued`: not started, not an attempt, no
+/// database connection held while waiting.
+///
+/// A message that starts nothing: names no job at all (poison); is held,
+/// unacked, while an operator has paused consumption, then claims after
+/// `resume`; tries again while startable jobs exist that the claim skipped
+/// (locked by another transaction); or, when the only queued jobs are
+/// retries waiting out their delay, comes back when the first of them may
+/// start. A message may have started another job than its own, so no
+/// message is dropped while a queued job may still need it: there are
+/// always at least as many messages as queued jobs. Otherwise it was a
+/// duplicate.
+async fn claim_next(
     ctx: &JobContext,
-    id: Uuid,
+    hint: Uuid,
     token: Uuid,
     abandon: &CancellationToken,
 ) -> sqlx::Result<Claimed> {
     let mut paused = ctx.paused.clone();
     let mut held = false;
     loop {
-        if let Some(job) = with_db_retry("claim", || ctx.store.claim(id, token)).await? {
-            if held {
-                tracing::info!(job_id = %id, "resumed: held job claimed");
+        if !*paused.borrow_and_update() {
+            let claimed = if ctx.budget.is_limited() || ctx.budget.is_provider_paused() {
+                claim_with_capacity(ctx, hint, token, abandon).await?
+            } else {
+                with_db_retry("claim", || ctx.store.claim(hint, token))
+                    .await?
+                    .map(|job| Claimed::Job(Box::new(job), None))
+            };
+            if let Some(claimed) = claimed {
+                if held {
+                    tracing::info!("resumed: held message claimed a job");
+                }
+                return Ok(claimed);
             }
-            return Ok(Claimed::Job(Box::new(job)));
         }
-        let existing = with_db_retry("read job", || jobs::get_any(&ctx.db, id)).await?;
-        let Some(job) = existing else {
-            return Ok(Claimed::Not(Outcome::UnknownJob));
-        };
-        if job.status != JobStatus::Queued
-            || !with_db_retry("read pause", || controls::is_paused(&ctx.db)).await?
+        if with_db_retry("read job", || jobs::get_any(&ctx.db, hint))
+            .await?
+            .is_none()
         {
-            if job.status == JobStatus::Queued {
-                // Resumed between the claim and the look: claim again.
-                continue;
-            }
-            tracing::info!(job_id = %id, status = ?job.status, "not queued; skipping duplicate delivery");
-            return Ok(Claimed::Not(Outcome::Done));
+            return Ok(Claimed::Not(Outcome::UnknownJob));
         }
-        if !held {
-            tracing::info!(job_id = %id, "paused by an operator: holding the job until resume");
-            held = true;
+        if with_db_retry("read pause", || controls::is_paused(&ctx.db)).await? {
+            if !held {
+                tracing::info!("paused by an operator: holding the message until resume");
+                held = true;
+            }
+            tokio::select! {
+                // The switch as this process last read it; the claim re-checks it.
+                resumed = paused.wait_for(|p| !*p) => drop(resumed),
+                () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+            }
+            tokio::time::sleep(PAUSED_RECHECK).await;
+            continue;
+        }
+        // Startable jobs that the claim skipped: another transaction held
+        // their rows (a concurrent claim, the relay marking its publishes).
+        // Try again: they may still need this message.
+        if with_db_retry("read queue", || jobs::has_startable(&ctx.db)).await? {
+            tokio::select! {
+                () = tokio::time::sleep(RECLAIM_PAUSE) => {}
+                () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+            }
+            continue;
+        }
+        let Some(next) = with_db_retry("read retries", || jobs::next_not_before(&ctx.db)).await?
+        else {
+            tracing::debug!(hint = %hint, "nothing to start; duplicate message");
+            return Ok(Claimed::Not(Outcome::Done));
+        };
+        let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
+        if wait > IN_PROCESS_RETRY_MAX {
+            match ctx.publisher.publish_delayed(hint, wait).await {
+                Ok(_) => return Ok(Claimed::Not(Outcome::Done)),
+                Err(err) => tracing::warn!(error = %err, "delay queue unavailable; waiting here"),
+            }
         }
         tokio::select! {
-            // The switch as this process last read it; the claim re-checks it.
-            resumed = paused.wait_for(|p| !*p) => drop(resumed),
+            () = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
             () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
         }
-        tokio::time::sleep(PAUSED_RECHECK).await;
+    }
+}
+
+/// Takes LLM capacity for the next startable job's model, then claims the
+/// next job of that model. `None` (capacity given back) if there was
+/// nothing to claim.
+async fn claim_with_capacity(
+    ctx: &JobContext,
+    hint: Uuid,
+    token: Uuid,
+    abandon: &CancellationToken,
+) -> sqlx::Result<Option<Claimed>> {
+    let Some((model, cost)) = with_db_retry("peek", || jobs::peek_next(&ctx.db)).await? else {
+        return Ok(None);
+    };
+    let permit = match ctx.budget.acquire(&model, cost, None, abandon).await {
+        Acquired::Ready(permit) => permit,
+        Acquired::Later(_) | Acquired::Stopped => {
+            return Ok(Some(Claimed::Not(Outcome::Released)));
+        }
+    };
+    let lease = ctx.config.lease;
+    let claimed = with_db_retry("claim", || {
+        jobs::claim(&ctx.db, hint, token, Some(&model), lease)
+    })
+    .await;
+    match claimed {
+        Ok(Some(job)) => Ok(Some(Claimed::Job(Box::new(job), permit))),
+        other => {
+            if let Some(permit) = permit {
+                ctx.budget.release(permit, None, false).await;
+            }
+            other.map(|_| None)
+        }
     }
 }
 

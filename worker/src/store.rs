@@ -60,10 +60,11 @@ impl JobStore {
         }
     }
 
-    /// [`jobs::claim`], batched with concurrent claims.
-    pub async fn claim(&self, id: Uuid, token: Uuid) -> ClaimResult {
+    /// [`jobs::claim`] (any model), batched with concurrent claims: `hint`
+    /// is the job the message names.
+    pub async fn claim(&self, hint: Uuid, token: Uuid) -> ClaimResult {
         self.claims
-            .run((id, token))
+            .run((hint, token))
             .await
             .unwrap_or(Err(sqlx::Error::PoolClosed))
     }
@@ -85,18 +86,16 @@ impl JobStore {
     }
 }
 
-async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, lease: Duration) {
-    // One lock order for every batch.
-    batch.sort_by_key(|((id, _), _)| *id);
+async fn claim_batch(db: &PgPool, batch: Batch<(Uuid, Uuid), ClaimResult>, lease: Duration) {
     let (claims, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    match jobs::claim_many(db, &claims, lease).await {
+    match jobs::claim_many(db, &claims, None, lease).await {
         Ok(claimed) => {
-            let mut claimed: HashMap<(Uuid, Uuid), Job> = claimed
+            let mut claimed: HashMap<Uuid, Job> = claimed
                 .into_iter()
-                .filter_map(|job| Some(((job.id, job.claim_token?), job)))
+                .filter_map(|job| Some((job.claim_token?, job)))
                 .collect();
-            for (claim, reply) in claims.into_iter().zip(replies) {
-                let _ = reply.send(Ok(claimed.remove(&claim)));
+            for ((_, token), reply) in claims.into_iter().zip(replies) {
+                let _ = reply.send(Ok(claimed.remove(&token)));
             }
         }
         Err(err) if db::is_unavailable(&err) => {
@@ -107,7 +106,7 @@ async fn claim_batch(db: &PgPool, mut batch: Batch<(Uuid, Uuid), ClaimResult>, l
             for ((id, token), reply) in claims.into_iter().zip(replies) {
                 answer_alone(reply, {
                     let db = db.clone();
-                    async move { jobs::claim(&db, id, token, lease).await }
+                    async move { jobs::claim(&db, id, token, None, lease).await }
                 });
             }
         }

@@ -1,11 +1,14 @@
 //! Operator routes, behind the admin token.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use chatq_common::db::{controls, keys};
 use chatq_common::domain::new_id;
@@ -23,16 +26,58 @@ const MAX_RATE_LIMIT_PER_MINUTE: i64 = 1_000_000;
 const MAX_KEY_CONCURRENCY: i64 = 100_000;
 
 /// Body of `POST /admin/v1/api-keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    /// The tenant the key belongs to (1 to 200 characters, trimmed); created
+    /// on first use.
+    #[schema(min_length = 1, max_length = 200)]
     tenant: String,
+    /// Write requests (submissions, cancels, creations, deletions) per
+    /// minute; default `CHATQ_DEFAULT_RATE_LIMIT_PER_MINUTE` (unset: no limit).
+    #[schema(minimum = 1, maximum = 1_000_000)]
     rate_limit_per_minute: Option<i64>,
+    /// Jobs of this key running at once; unset: no limit of its own.
+    #[schema(minimum = 1, maximum = 100_000)]
     max_concurrency: Option<i64>,
+}
+
+/// A new API key: the only answer that shows the key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    /// The key's id (to revoke it).
+    pub id: Uuid,
+    /// The tenant's name.
+    pub tenant: String,
+    /// The tenant's id.
+    pub tenant_id: Uuid,
+    /// The key, shown once: only its hash is stored.
+    pub key: String,
+    /// The key's own rate limit, if any.
+    pub rate_limit_per_minute: Option<i32>,
+    /// The key's own concurrency limit, if any.
+    pub max_concurrency: Option<i32>,
 }
 
 /// `POST /admin/v1/api-keys` → 201 `{id, tenant, key}`; the key is shown
 /// only here.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/api-keys",
+    operation_id = "createApiKey",
+    tag = "admin",
+    summary = "Create an API key",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The key, shown only in this answer.", body = CreatedKey),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn create_key(
     State(state): State<AppState>,
     _admin: Admin,
@@ -75,14 +120,35 @@ pub async fn create_key(
     tx.commit().await?;
     // Audit trail: who got a key, never the key itself.
     tracing::info!(key_id = %id, %tenant_id, tenant, ?rate_limit, ?max_concurrency, "api key created");
-    let body = json!({
-        "id": id, "tenant": tenant, "tenant_id": tenant_id, "key": key,
-        "rate_limit_per_minute": rate_limit, "max_concurrency": max_concurrency,
-    });
+    let body = CreatedKey {
+        id,
+        tenant: tenant.to_owned(),
+        tenant_id,
+        key,
+        rate_limit_per_minute: rate_limit,
+        max_concurrency,
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// `DELETE /admin/v1/api-keys/{id}` → 204; the key stops working at once.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/api-keys/{id}",
+    operation_id = "revokeApiKey",
+    tag = "admin",
+    summary = "Revoke an API key",
+    description = "The key stops working at once, on every replica.",
+    params(("id" = Uuid, Path, description = "The key's id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn revoke_key(
     State(state): State<AppState>,
     _admin: Admin,
@@ -98,7 +164,43 @@ pub async fn revoke_key(
     }
 }
 
+/// The answer of `GET /admin/v1/queues`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueStats {
+    /// The work queue's name.
+    pub queue: String,
+    /// Messages ready in the work queue.
+    pub depth: u32,
+    /// Consumers (worker channels) of the work queue.
+    pub consumers: u32,
+    /// The dead-letter queue's name.
+    pub dead_letter_queue: String,
+    /// Messages in the dead-letter queue.
+    pub dead_letter_depth: u32,
+    /// The work queue's maximum length (`CHATQ_MAX_QUEUE_LENGTH`).
+    pub max_length: u32,
+    /// Jobs of every tenant by status (every status present, zeros included).
+    pub jobs_by_status: BTreeMap<String, i64>,
+    /// Age of the oldest queued job in seconds; `null` when none is queued.
+    pub oldest_queued_age_secs: Option<f64>,
+    /// Whether consumption is paused.
+    pub paused: bool,
+}
+
 /// `GET /admin/v1/queues`: broker depths and job counts by status.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/queues",
+    operation_id = "getQueues",
+    tag = "admin",
+    summary = "Queue depths and job counts",
+    responses(
+        (status = 200, description = "Broker depths, job counts by status, the oldest queued job's age.", body = QueueStats),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
     let broker = state.publisher.broker();
     let depths = broker.depths().await.map_err(|err| {
@@ -107,47 +209,87 @@ pub async fn queues(State(state): State<AppState>, _admin: Admin) -> ApiResult<i
     })?;
     let stats = chatq_common::db::jobs::stats(&state.db).await?;
     let paused = controls::is_paused(&state.db).await?;
-    let by_status: serde_json::Map<String, serde_json::Value> = stats
-        .by_status
-        .into_iter()
-        .map(|(s, n)| (s, json!(n)))
-        .collect();
-    Ok(Json(json!({
-        "queue": broker.topology().work_queue,
-        "depth": depths.work_messages,
-        "consumers": depths.work_consumers,
-        "dead_letter_queue": broker.topology().dead_queue,
-        "dead_letter_depth": depths.dead_messages,
-        "max_length": broker.topology().max_length,
-        "jobs_by_status": by_status,
-        "oldest_queued_age_secs": stats.oldest_queued_age_secs,
-        "paused": paused,
-    })))
+    let topology = broker.topology();
+    Ok(Json(QueueStats {
+        queue: topology.work_queue.clone(),
+        depth: depths.work_messages,
+        consumers: depths.work_consumers,
+        dead_letter_queue: topology.dead_queue.clone(),
+        dead_letter_depth: depths.dead_messages,
+        max_length: topology.max_length,
+        jobs_by_status: stats.by_status.into_iter().collect(),
+        oldest_queued_age_secs: stats.oldest_queued_age_secs,
+        paused,
+    }))
+}
+
+/// The answer of `POST /admin/v1/queues/pause` and `/resume`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Paused {
+    /// Whether consumption is now paused.
+    pub paused: bool,
 }
 
 /// `POST /admin/v1/queues/pause` → `{"paused": true}`: workers stop taking
 /// new jobs (within about a second); jobs they hold finish.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/queues/pause",
+    operation_id = "pauseQueues",
+    tag = "admin",
+    summary = "Pause consumption",
+    description = "Once this has answered, no job is claimed until `resume`; in-flight jobs finish. Takes no body.",
+    responses(
+        (status = 200, description = "Paused.", body = Paused),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn pause(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
     let paused = controls::set_paused(&state.db, true).await?;
     tracing::info!("consumption paused by an operator");
-    Ok(Json(json!({ "paused": paused })))
+    Ok(Json(Paused { paused }))
 }
 
 /// `POST /admin/v1/queues/resume` → `{"paused": false}`: workers take jobs again.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/queues/resume",
+    operation_id = "resumeQueues",
+    tag = "admin",
+    summary = "Resume consumption",
+    description = "Workers take jobs again. Takes no body.",
+    responses(
+        (status = 200, description = "Resumed.", body = Paused),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn resume(State(state): State<AppState>, _admin: Admin) -> ApiResult<impl IntoResponse> {
     let paused = controls::set_paused(&state.db, false).await?;
     tracing::info!("consumption resumed by an operator");
-    Ok(Json(json!({ "paused": paused })))
+    Ok(Json(Paused { paused }))
 }
 
 /// Most dead letters replayed by one call.
 const MAX_REPLAY: i64 = 10_000;
 
 /// Body of `POST /admin/v1/dead-letters/replay`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayBody {
+    /// Most dead letters to replay (default 100).
+    #[schema(minimum = 1, maximum = 10_000)]
     limit: Option<i64>,
+}
+
+/// The answer of `POST /admin/v1/dead-letters/replay`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    /// Jobs put back in the queue.
+    pub replayed: u64,
 }
 
 /// `POST /admin/v1/dead-letters/replay` → `{"replayed": n}`: failed jobs
@@ -155,6 +297,24 @@ pub struct ReplayBody {
 /// attempt budget and are published again. Messages that name no job, or a
 /// job that is no longer failed, are discarded; a job whose conversation is
 /// busy again stays in the dead-letter queue.
+#[utoipa::path(
+    post,
+    path = "/admin/v1/dead-letters/replay",
+    operation_id = "replayDeadLetters",
+    tag = "admin",
+    summary = "Replay dead letters",
+    description = "Failed jobs whose messages were dead-lettered go back to `queued` with a fresh attempt budget and are published again. The body may be empty.",
+    request_body(content = Option<ReplayBody>, description = "Optional; an empty body is `{}`."),
+    responses(
+        (status = 200, description = "How many jobs were replayed.", body = Replayed),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::AdminUnauthorized),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("admin_token" = [])),
+)]
 pub async fn replay_dead_letters(
     State(state): State<AppState>,
     _admin: Admin,
@@ -167,5 +327,5 @@ pub async fn replay_dead_letters(
         )));
     }
     let replayed = crate::replay::replay(&state, limit).await?;
-    Ok(Json(json!({"replayed": replayed})))
+    Ok(Json(Replayed { replayed }))
 }

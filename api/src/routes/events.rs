@@ -10,7 +10,8 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use chatq_common::db::jobs;
 
@@ -24,7 +25,47 @@ use crate::views::JobView;
 /// Keep-alive comment interval, so proxies do not cut an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// The data of a `delta` event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeltaEventData {
+    /// The next tokens of the answer.
+    pub content: String,
+}
+
+/// The data of a `reset` event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResetEventData {
+    /// The attempt whose text the following deltas start from its beginning.
+    pub attempt: i32,
+}
+
 /// `GET /v1/jobs/{id}/events` (header `Last-Event-ID` to resume).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/events",
+    operation_id = "followJob",
+    tag = "jobs",
+    summary = "Follow a job (server-sent events)",
+    description = "A `text/event-stream` of the job's changes; every event has an `id`. \
+`event: status`, `data:` the job object, on every state change; \
+`event: delta`, `data:` a `DeltaEventData`, while the model streams; \
+`event: reset`, `data:` a `ResetEventData`, when an attempt that had already streamed text is retried: the deltas that follow start the new attempt's text from its beginning; \
+`event: done`, `data:` the final job object, then the stream closes. \
+A new subscriber first gets a `status` event with the job as it is now and, if the job already produced text, one `delta` with all the text so far. \
+Reconnecting with `Last-Event-ID` resumes with no gap and no duplicate text, on any replica. Closing the stream never cancels the job.",
+    params(
+        ("id" = Uuid, Path, description = "The job's id (a completion id `chatcmpl-<job id>` works too)."),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received, to resume after it."),
+    ),
+    responses(
+        (status = 200, description = "The event stream.", content_type = "text/event-stream", body = crate::openapi::JobEvent),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn events(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -50,13 +91,15 @@ pub async fn events(
 
 fn event(item: StreamItem) -> Event {
     let (name, data, at) = match item {
-        StreamItem::Status(job, at) => ("status", json!(JobView::from(*job)), at),
-        StreamItem::Delta(content, at) => ("delta", json!({ "content": content }), at),
-        StreamItem::Reset(attempt, at) => ("reset", json!({ "attempt": attempt }), at),
-        StreamItem::Done(job, at) => ("done", json!(JobView::from(*job)), at),
+        StreamItem::Status(job, at) => ("status", to_json(&JobView::from(*job)), at),
+        StreamItem::Delta(content, at) => ("delta", to_json(&DeltaEventData { content }), at),
+        StreamItem::Reset(attempt, at) => ("reset", to_json(&ResetEventData { attempt }), at),
+        StreamItem::Done(job, at) => ("done", to_json(&JobView::from(*job)), at),
     };
-    Event::default()
-        .event(name)
-        .id(at.id())
-        .data(data.to_string())
+    Event::default().event(name).id(at.id()).data(data)
+}
+
+/// The JSON of an event's data (these types always serialize).
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }

@@ -21,9 +21,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use chatq_common::db::jobs;
@@ -34,7 +36,10 @@ use crate::auth::Tenant;
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::follow::{self, Position, StreamItem};
-use crate::openai::{self, CompletionRequest, OpenAiError};
+use crate::openai::{
+    self, ChunkDelta, CompletionRequest, OpenAiError, OpenAiErrorBody, OpenAiErrorDetail,
+    event_data,
+};
 use crate::routes::conversations::NewConversation;
 use crate::routes::submit::idempotency;
 use crate::submission::{self, Target, TurnInput};
@@ -49,6 +54,36 @@ const JOB_ID_HEADER: &str = "x-chatq-job-id";
 type Answer = Result<Response, OpenAiError>;
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "createChatCompletion",
+    tag = "openai",
+    summary = "Create a chat completion (OpenAI-compatible)",
+    description = "OpenAI's request and response format; the official SDKs work against it with `base_url` set to the service. The completion is an ordinary chatq job (stored, queued, retried, visible at `GET /v1/jobs/{id}`) which the request waits for, at most `CHATQ_COMPLETIONS_TIMEOUT_SECS`. With `stream: true` the answer is a `text/event-stream` of `chat.completion.chunk` events (`data:` lines) ending with `data: [DONE]`, or with an error event in OpenAI's error shape. A client that disconnects before its answer cancels the job. Errors use OpenAI's shape.",
+    params(crate::openapi::IdempotencyKey),
+    request_body = openai::CompletionRequestSchema,
+    responses(
+        (status = 200, description = "The completion (`stream: false`), or its chunks (`stream: true`).",
+            content(
+                (openai::ChatCompletion = "application/json"),
+                (crate::openapi::CompletionEvent = "text/event-stream"),
+            ),
+            headers(("x-chatq-job-id" = Uuid, description = "The chatq job behind the completion."))),
+        (status = 400, response = crate::openapi::OpenAiBadRequest),
+        (status = 401, response = crate::openapi::OpenAiUnauthorized),
+        (status = 404, response = crate::openapi::OpenAiNotFound),
+        (status = 409, response = crate::openapi::OpenAiConflict),
+        (status = 413, response = crate::openapi::OpenAiPayloadTooLarge),
+        (status = 415, response = crate::openapi::OpenAiUnsupportedMediaType),
+        (status = 429, response = crate::openapi::OpenAiTooManyRequests),
+        (status = 500, response = crate::openapi::OpenAiJobError),
+        (status = 502, response = crate::openapi::OpenAiBadGateway),
+        (status = 503, response = crate::openapi::OpenAiUnavailable),
+        (status = 504, response = crate::openapi::OpenAiGatewayTimeout),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     tenant: Result<Tenant, ApiError>,
@@ -183,16 +218,12 @@ async fn translate(
     timeout: Duration,
     guard: CancelOnDrop,
 ) {
-    let send = |value: Value| {
+    let send = |data: String| {
         let tx = tx.clone();
-        async move {
-            tx.send(Event::default().data(value.to_string()))
-                .await
-                .is_ok()
-        }
+        async move { tx.send(Event::default().data(data)).await.is_ok() }
     };
-    let role = json!({"role": "assistant", "content": ""});
-    if !send(openai::chunk(&job, Some(role), None, None)).await {
+    let role = openai::chunk(&job, Some(ChunkDelta::role()), None, None);
+    if !send(event_data(&role)).await {
         return;
     }
     let mut text = TextGuard::default();
@@ -202,14 +233,17 @@ async fn translate(
         let item = tokio::select! {
             item = items.recv() => item,
             () = &mut deadline => {
-                let _ = send(OpenAiError::timed_out(timeout.as_secs()).body()).await;
+                let _ = send(event_data(&OpenAiError::timed_out(timeout.as_secs()).body())).await;
                 return; // the guard cancels the job
             }
             () = tx.closed() => return,
         };
         let Some(item) = item else {
             // Deleted with its conversation, or the api is stopping.
-            let _ = send(OpenAiError::from_job(&cancelled(job.clone())).body()).await;
+            let _ = send(event_data(
+                &OpenAiError::from_job(&cancelled(job.clone())).body(),
+            ))
+            .await;
             return;
         };
         match item {
@@ -218,8 +252,8 @@ async fn translate(
             StreamItem::Delta(piece, _) => match text.accept(&piece) {
                 Some(new) if new.is_empty() => {}
                 Some(new) => {
-                    let delta = json!({ "content": new });
-                    if !send(openai::chunk(&job, Some(delta), None, None)).await {
+                    let chunk = openai::chunk(&job, Some(ChunkDelta::text(new)), None, None);
+                    if !send(event_data(&chunk)).await {
                         return;
                     }
                 }
@@ -231,7 +265,7 @@ async fn translate(
             StreamItem::Done(done, _) => {
                 if done.status != JobStatus::Succeeded {
                     guard.disarm();
-                    let _ = send(OpenAiError::from_job(&done).body()).await;
+                    let _ = send(event_data(&OpenAiError::from_job(&done).body())).await;
                     return;
                 }
                 if done.result_content.as_deref().unwrap_or_default() != text.sent {
@@ -242,10 +276,11 @@ async fn translate(
                 }
                 guard.disarm();
                 let finish = done.finish_reason.as_deref().unwrap_or("stop");
-                let _ = send(openai::chunk(&done, Some(json!({})), Some(finish), None)).await;
+                let last = openai::chunk(&done, Some(ChunkDelta::default()), Some(finish), None);
+                let _ = send(event_data(&last)).await;
                 if include_usage {
-                    let _ =
-                        send(openai::chunk(&done, None, None, Some(openai::usage(&done)))).await;
+                    let usage = openai::chunk(&done, None, None, Some(openai::usage(&done)));
+                    let _ = send(event_data(&usage)).await;
                 }
                 let _ = tx.send(Event::default().data("[DONE]")).await;
                 return;
@@ -256,11 +291,16 @@ async fn translate(
 
 /// The error event of a stream whose retry said something else than what
 /// the client was sent.
-fn diverged() -> Value {
-    json!({"error": {
-        "message": "the model's answer was interrupted and its retry said something else",
-        "type": "server_error", "param": null, "code": "stream_diverged",
-    }})
+fn diverged() -> String {
+    event_data(&OpenAiErrorBody {
+        error: OpenAiErrorDetail {
+            message: "the model's answer was interrupted and its retry said something else"
+                .to_owned(),
+            kind: "server_error",
+            param: None,
+            code: Some("stream_diverged".to_owned()),
+        },
+    })
 }
 
 /// What an OpenAI client has been sent, and a retry's text checked
@@ -340,7 +380,32 @@ fn offered(state: &AppState) -> Vec<String> {
     }
 }
 
-fn model_object(id: &str) -> Value {
+/// A model, in OpenAI's shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Model {
+    /// The model's name.
+    pub id: String,
+    /// `model`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    /// Unix time, in seconds (the api's start: no creation date is known).
+    pub created: u64,
+    /// `chatq`.
+    #[schema(value_type = String)]
+    pub owned_by: &'static str,
+}
+
+/// The models offered, in OpenAI's list shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    #[schema(value_type = String)]
+    pub object: &'static str,
+    /// The models (`CHATQ_MODELS`, or the default model).
+    pub data: Vec<Model>,
+}
+
+fn model_object(id: &str) -> Model {
     // No creation date is known; the process start is as good as any.
     static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let created = *STARTED.get_or_init(|| {
@@ -348,17 +413,56 @@ fn model_object(id: &str) -> Value {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     });
-    json!({"id": id, "object": "model", "created": created, "owned_by": "chatq"})
+    Model {
+        id: id.to_owned(),
+        object: "model",
+        created,
+        owned_by: "chatq",
+    }
 }
 
 /// `GET /v1/models`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "listModels",
+    tag = "openai",
+    summary = "List models (OpenAI-compatible)",
+    description = "The models configured with `CHATQ_MODELS` (or the default model), in OpenAI's list shape. Errors use OpenAI's shape, except a 503 of load shedding, which has the API's.",
+    responses(
+        (status = 200, description = "The models.", body = ModelList),
+        (status = 401, response = crate::openapi::OpenAiUnauthorized),
+        (status = 503, response = crate::openapi::OpenAiOrApiUnavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn models(State(state): State<AppState>, tenant: Result<Tenant, ApiError>) -> Answer {
     tenant?;
-    let data: Vec<Value> = offered(&state).iter().map(|m| model_object(m)).collect();
-    Ok(Json(json!({"object": "list", "data": data})).into_response())
+    let data = offered(&state).iter().map(|m| model_object(m)).collect();
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
 }
 
 /// `GET /v1/models/{id}` (ids may contain `/`).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{id}",
+    operation_id = "retrieveModel",
+    tag = "openai",
+    summary = "Get a model (OpenAI-compatible)",
+    description = "Errors use OpenAI's shape, except a 503 of load shedding, which has the API's.",
+    params(("id" = String, Path, min_length = 1, description = "The model's name (it may contain `/`).")),
+    responses(
+        (status = 200, description = "The model.", body = Model),
+        (status = 401, response = crate::openapi::OpenAiUnauthorized),
+        (status = 404, response = crate::openapi::OpenAiNotFound),
+        (status = 503, response = crate::openapi::OpenAiOrApiUnavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn model(
     State(state): State<AppState>,
     tenant: Result<Tenant, ApiError>,

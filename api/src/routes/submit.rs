@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use utoipa::ToSchema;
 
 use chatq_common::domain::{Job, Priority};
 
@@ -25,33 +26,86 @@ const MAX_TOKENS_LIMIT: i64 = 32_768;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// Body of `POST /v1/conversations/{id}/messages`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
+    /// The user message, 1 to `CHATQ_MAX_CONTENT_CHARS` (default 100,000)
+    /// characters; a body over `CHATQ_MAX_BODY_BYTES` is a 413 first.
+    #[schema(min_length = 1, max_length = 100_000)]
     content: String,
+    /// The model for this turn (1 to 200 characters); default: the conversation's.
+    #[schema(min_length = 1, max_length = 200)]
     model: Option<String>,
+    /// Most tokens of the answer.
+    #[schema(minimum = 1, maximum = 32_768)]
     max_tokens: Option<i64>,
+    /// Sampling temperature.
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f64>,
     // Left out of the idempotency hash when absent, as before it existed.
+    /// `interactive` (default) or `batch`: batch work runs on capacity
+    /// interactive work leaves idle, with a starvation bound.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::openapi::PrioritySchema>)]
     priority: Option<Priority>,
 }
 
 /// Body of `POST /v1/chat`: a conversation and its first message at once.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatBody {
+    /// The user message, 1 to `CHATQ_MAX_CONTENT_CHARS` (default 100,000)
+    /// characters; a body over `CHATQ_MAX_BODY_BYTES` is a 413 first.
+    #[schema(min_length = 1, max_length = 100_000)]
     content: String,
+    /// The new conversation's system prompt.
+    #[schema(max_length = 100_000)]
     system_prompt: Option<String>,
+    /// The new conversation's model (1 to 200 characters); default `CHATQ_DEFAULT_MODEL`.
+    #[schema(min_length = 1, max_length = 200)]
     model: Option<String>,
+    /// Most tokens of the answer.
+    #[schema(minimum = 1, maximum = 32_768)]
     max_tokens: Option<i64>,
+    /// Sampling temperature.
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f64>,
+    /// The new conversation's metadata, a JSON object.
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Value>,
+    /// `interactive` (default) or `batch`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::openapi::PrioritySchema>)]
     priority: Option<Priority>,
 }
 
 /// `POST /v1/conversations/{id}/messages` → 202 job.
+#[utoipa::path(
+    post,
+    path = "/v1/conversations/{id}/messages",
+    operation_id = "submitMessage",
+    tag = "jobs",
+    summary = "Submit a message",
+    description = "Stores the user message and a job for the answer, and enqueues the job. `202` means both are committed: from then on the job reaches a terminal state. The worker appends the answer to the conversation as an `assistant` message.",
+    params(
+        ("id" = Uuid, Path, description = "The conversation's id."),
+        crate::openapi::IdempotencyKey,
+    ),
+    request_body = SubmitBody,
+    responses(
+        (status = 202, description = "Accepted: the job, `queued` (or, for a repeated `Idempotency-Key`, the original job in its current state).", body = JobView,
+            headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, response = crate::openapi::TooManyRequests),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn submit(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -76,10 +130,32 @@ pub async fn submit(
         idempotency.as_ref(),
     )
     .await?;
-    Ok(accepted(job))
+    Ok(accepted(&state, job).await)
 }
 
 /// `POST /v1/chat` → 202 job in a new conversation.
+#[utoipa::path(
+    post,
+    path = "/v1/chat",
+    operation_id = "startChat",
+    tag = "jobs",
+    summary = "Start a conversation with a message",
+    description = "A one-shot convenience: creates a conversation and submits its first message in one call.",
+    params(crate::openapi::IdempotencyKey),
+    request_body = ChatBody,
+    responses(
+        (status = 202, description = "Accepted: the job, `queued` (or, for a repeated `Idempotency-Key`, the original job in its current state).", body = JobView,
+            headers(("Location" = String, description = "`/v1/jobs/{id}`"))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, response = crate::openapi::TooManyRequests),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn chat(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -104,7 +180,7 @@ pub async fn chat(
         idempotency.as_ref(),
     )
     .await?;
-    Ok(accepted(job))
+    Ok(accepted(&state, job).await)
 }
 
 /// Checks the fields of a turn against API.md's rules.
@@ -176,12 +252,12 @@ pub fn idempotency(
     }))
 }
 
-fn accepted(job: Job) -> Response {
+async fn accepted(state: &AppState, job: Job) -> Response {
     let location = format!("/v1/jobs/{}", job.id);
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
-        Json(JobView::from(job)),
+        Json(state.job_view(job).await),
     )
         .into_response()
 }

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::domain::Job;
+use crate::domain::{Job, StartKey};
 
 /// The tenant's job with this id.
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
@@ -119,44 +120,154 @@ pub async fn cancel(
     .await
 }
 
-/// Claims a queued job for one attempt: `running`, one more attempt, owned
-/// by `token` until `lease` passes without a heartbeat. `None` if the job
-/// is not queued (already claimed, terminal, or gone): a redelivered
-/// message can never start a second call; `None` too while an operator has
-/// paused consumption.
+/// Claims the next job in start order for one attempt: `running`, one more
+/// attempt, owned by `token` until `lease` passes without a heartbeat.
+///
+/// A queue message is a token of work, not an order: every queued job has
+/// one message, and whichever job is first in the start order (lanes, then
+/// fair queueing between tenants, see migration `flow_control`) is the one
+/// a message starts. `hint` is the job the message was published for; a
+/// message whose hint names no job at all (poison) claims nothing. `None`
+/// when nothing startable is queued (claimed meanwhile, retries waiting out
+/// their delay) and while an operator has paused consumption. `model`
+/// restricts the claim to one model's jobs (the shared LLM budget is per
+/// model). A claimed job is never claimed again until it is given back.
 pub async fn claim(
     db: impl PgExecutor<'_>,
-    id: Uuid,
+    hint: Uuid,
     token: Uuid,
+    model: Option<&str>,
     lease: Duration,
 ) -> sqlx::Result<Option<Job>> {
-    Ok(claim_many(db, &[(id, token)], lease).await?.pop())
+    Ok(claim_many(db, &[(hint, token)], model, lease).await?.pop())
 }
 
-/// [`claim`] for many jobs in one statement: `(job id, claim token)` pairs.
-/// Returns the jobs claimed; a job claimed twice in one batch (a duplicated
-/// message) is claimed under one of its tokens only, which the returned
-/// `claim_token` tells.
+/// [`claim`] for many messages in one statement: `(hint, claim token)`
+/// pairs. Returns the jobs claimed, each under one of the tokens (its
+/// `claim_token`); tokens beyond the startable jobs claim nothing. One
+/// statement in ten serves the batch lane first (its starvation bound).
 pub async fn claim_many(
     db: impl PgExecutor<'_>,
     claims: &[(Uuid, Uuid)],
+    model: Option<&str>,
     lease: Duration,
 ) -> sqlx::Result<Vec<Job>> {
-    let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
+    let (hints, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
     sqlx::query_as(
-        "update jobs j set status = 'running', attempts = j.attempts + 1, claim_token = c.token,
+        "with takers as (
+             select h.token, row_number() over (order by h.n) as ord
+             from unnest($1::uuid[], $2::uuid[]) with ordinality as h(hint, token, n)
+             where exists (select 1 from jobs k where k.id = h.hint)
+         ), picked as (
+             select p.id, p.ord
+             from chatq_pick(
+                 -- An operator's pause holds from the moment it is committed.
+                 (select count(*) from takers
+                   where not exists (select 1 from queue_controls where paused))::integer,
+                 nextval('chatq_lane_turn') % 10 = 0, $4) as p
+         )
+         update jobs j set status = 'running', attempts = j.attempts + 1, claim_token = t.token,
                            lease_expires_at = now() + make_interval(secs => $3),
-                           started_at = coalesce(j.started_at, now()), updated_at = now()
-         from unnest($1::uuid[], $2::uuid[]) as c(id, token)
-         where j.id = c.id and j.status = 'queued'
-           -- An operator's pause holds from the moment it is committed.
-           and not exists (select 1 from queue_controls where paused)
-         returning j.*, pg_notify('chatq_job', j.id::text)::text as notified",
+                           started_at = coalesce(j.started_at, now()), updated_at = now(),
+                           not_before = null
+         from picked p join takers t on t.ord = p.ord
+         where j.id = p.id and j.status = 'queued'
+         returning j.*, pg_notify('chatq_job', j.id::text)::text as notified,
+                   nextval('chatq_jobs_started') as started_seq",
     )
-    .bind(ids)
+    .bind(hints)
     .bind(tokens)
     .bind(lease.as_secs_f64())
+    .bind(model)
     .fetch_all(db)
+    .await
+}
+
+/// The first startable queued job in start order, without claiming it: its
+/// model and estimated tokens (what to reserve from the LLM budget before
+/// claiming). `None` if nothing is startable.
+pub async fn peek_next(db: impl PgExecutor<'_>) -> sqlx::Result<Option<(String, i32)>> {
+    sqlx::query_as(
+        "select model, cost from jobs
+         where status = 'queued' and (not_before is null or not_before <= now())
+         order by lane, start_tag, id
+         limit 1",
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// The start order of the queue as one reading: the first `head` keys
+/// exactly and every `sample`th key beyond, each with its rank (1 = next
+/// to start); the number of queued jobs; and how many jobs have started
+/// since the database was created (the `chatq_jobs_started` counter).
+pub async fn start_order_sample(
+    db: impl PgExecutor<'_>,
+    head: i64,
+    sample: i64,
+) -> sqlx::Result<(Vec<(StartKey, i64)>, i64, i64)> {
+    type Row = (
+        Option<bool>,
+        Option<f64>,
+        Option<Uuid>,
+        Option<i64>,
+        i64,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "with ordered as (
+             select lane = 1 as batch, start_tag, id,
+                    row_number() over (order by lane, start_tag, id) as rank
+             from jobs where status = 'queued'
+         ), counts as (
+             select (select count(*) from jobs where status = 'queued') as total,
+                    (select last_value from chatq_jobs_started) as started
+         )
+         select o.batch, o.start_tag, o.id, o.rank, c.total, c.started
+         from counts c left join ordered o on o.rank <= $1 or o.rank % $2 = 0
+         order by o.rank",
+    )
+    .bind(head)
+    .bind(sample.max(1))
+    .fetch_all(db)
+    .await?;
+    let (total, started) = rows.first().map_or((0, 0), |r| (r.4, r.5));
+    // An empty queue is one row of counts with no key.
+    let keys = rows
+        .into_iter()
+        .filter_map(|(batch, tag, id, rank, _, _)| {
+            Some((
+                StartKey {
+                    batch: batch?,
+                    tag: tag?,
+                    id: id?,
+                },
+                rank?,
+            ))
+        })
+        .collect();
+    Ok((keys, total, started))
+}
+
+/// Whether a queued job could start now (locked or not): a claim that
+/// found nothing while this holds skipped rows another transaction had
+/// locked, and must try again rather than drop its message.
+pub async fn has_startable(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "select exists (select 1 from jobs
+                        where status = 'queued' and (not_before is null or not_before <= now()))",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// When the first queued retry that is still waiting out its delay may
+/// start, if any.
+pub async fn next_not_before(db: impl PgExecutor<'_>) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "select min(not_before) from jobs where status = 'queued' and not_before > now()",
+    )
+    .fetch_one(db)
     .await
 }
 
@@ -509,10 +620,12 @@ pub async fn defer(
     id: Uuid,
     token: Uuid,
     ended: &AttemptEnd<'_>,
+    delay: Duration,
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
                          published_at = null, updated_at = now(),
+                         not_before = now() + make_interval(secs => $7),
                          attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
                              'attempt', attempts, 'code', $3::text, 'message', $4::text, 'at', now(),
                              'partial_content', nullif(left($5, $6), ''))),
@@ -526,6 +639,7 @@ pub async fn defer(
     .bind(ended.message)
     .bind(ended.partial)
     .bind(super::MAX_PARTIAL_CHARS)
+    .bind(delay.as_secs_f64())
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -6,6 +6,7 @@ pub mod controls;
 pub mod conversations;
 pub mod jobs;
 pub mod keys;
+pub mod llm_budget;
 pub mod messages;
 pub mod rate_limits;
 pub mod submissions;

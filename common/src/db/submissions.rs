@@ -31,9 +31,9 @@ pub async fn submit_one(
              select id, model from conversations where tenant_id = $2 and id = $3 and not $14
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               idempotency_key, request_hash, priority, sampling)
+                               idempotency_key, request_hash, priority, sampling, cost)
              select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8,
-                    $15, $16
+                    $15, $16, chatq_estimate_tokens(length($10), $5)
              from conv
              returning *
          ), msg as (
@@ -186,10 +186,10 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
                    (select tenant_id, conversation_id from input where not is_new)
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               priority, sampling)
+                               priority, sampling, cost)
              select i.job_id, i.tenant_id, i.conversation_id,
                     coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature,
-                    i.priority, i.sampling
+                    i.priority, i.sampling, chatq_estimate_tokens(length(i.content), i.max_tokens)
              from input i
              join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
              on conflict do nothing
