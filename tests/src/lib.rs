@@ -356,6 +356,19 @@ impl TestEnv {
         Ok(q.message_count())
     }
 
+    /// Waits until at least `n` jobs are terminal.
+    pub async fn wait_terminal_count(&self, n: i64, deadline: Duration) -> anyhow::Result<()> {
+        eventually("every job terminal", deadline, || async {
+            let done: i64 = sqlx::query_scalar(
+                "select count(*) from jobs where status in ('succeeded', 'failed', 'cancelled')",
+            )
+            .fetch_one(&self.db)
+            .await?;
+            Ok((done >= n).then_some(()))
+        })
+        .await
+    }
+
     /// Counts of jobs in PostgreSQL by status, and assistant messages per job.
     pub async fn job_summary(&self) -> anyhow::Result<JobSummary> {
         let by_status: Vec<(String, i64)> =

@@ -32,15 +32,7 @@ async fn submit_chats(
 }
 
 async fn wait_terminal_count(env: &TestEnv, n: i64) -> anyhow::Result<()> {
-    eventually("every job terminal", DEADLINE, || async {
-        let done: i64 = sqlx::query_scalar(
-            "select count(*) from jobs where status in ('succeeded', 'failed', 'cancelled')",
-        )
-        .fetch_one(&env.db)
-        .await?;
-        Ok((done >= n).then_some(()))
-    })
-    .await
+    env.wait_terminal_count(n, DEADLINE).await
 }
 
 async fn mock_in_flight(env: &TestEnv) -> anyhow::Result<i64> {

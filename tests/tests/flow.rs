@@ -49,15 +49,7 @@ async fn submit(
 }
 
 async fn wait_succeeded(env: &TestEnv, n: i64) -> anyhow::Result<()> {
-    eventually("every job terminal", DEADLINE, || async {
-        let done: i64 = sqlx::query_scalar(
-            "select count(*) from jobs where status in ('succeeded', 'failed', 'cancelled')",
-        )
-        .fetch_one(&env.db)
-        .await?;
-        Ok((done >= n).then_some(()))
-    })
-    .await?;
+    env.wait_terminal_count(n, DEADLINE).await?;
     env.job_summary().await?.assert_all_succeeded_once(n);
     Ok(())
 }

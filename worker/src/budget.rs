@@ -32,7 +32,7 @@ use chatq_common::db::llm_budget::{self, Limits, PAUSE_CHANNEL, RELEASE_CHANNEL}
 /// Pause before listening again after the listener connection failed.
 const RELISTEN_DELAY: Duration = Duration::from_secs(1);
 /// Wait before asking again when the database could not be read.
-const MAX_POLL: Duration = Duration::from_secs(1);
+const DB_RETRY: Duration = Duration::from_secs(1);
 /// Bounds of the window over which calls resume after a provider pause.
 const MIN_SPREAD: Duration = Duration::from_secs(1);
 const MAX_SPREAD: Duration = Duration::from_secs(10);
@@ -254,7 +254,7 @@ impl Budget {
                 Ok(Some(wait)) => wait,
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot read the LLM budget; waiting");
-                    MAX_POLL
+                    DB_RETRY
                 }
             };
             let wake = Instant::now() + wait;

@@ -81,17 +81,21 @@ pub async fn events(
     let job = jobs::get(&state.db, tenant.id, id)
         .await?
         .ok_or(ApiError::NotFound("no such job"))?;
+    let views = state.clone();
     let items = follow::start(state, tenant, sub, job, resume.unwrap_or_default());
-    let events = stream::unfold(items, |mut items| async move {
+    let events = stream::unfold((items, views), |(mut items, views)| async move {
         let item = items.recv().await?;
-        Some((Ok::<_, Infallible>(event(item)), items))
+        let event = event(&views, item).await;
+        Some((Ok::<_, Infallible>(event), (items, views)))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-fn event(item: StreamItem) -> Event {
+/// The event of a stream item; a queued job's `status` carries its place
+/// in the queue, as everywhere a job is returned.
+async fn event(state: &AppState, item: StreamItem) -> Event {
     let (name, data, at) = match item {
-        StreamItem::Status(job, at) => ("status", to_json(&JobView::from(*job)), at),
+        StreamItem::Status(job, at) => ("status", to_json(&state.job_view(*job).await), at),
         StreamItem::Delta(content, at) => ("delta", to_json(&DeltaEventData { content }), at),
         StreamItem::Reset(attempt, at) => ("reset", to_json(&ResetEventData { attempt }), at),
         StreamItem::Done(job, at) => ("done", to_json(&JobView::from(*job)), at),
