@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use ctx::{Ctx, External};
 use report::AllResults;
-use scenarios::{burst, concurrency, overhead, reads, scaling, stream, submit};
+use scenarios::{burst, concurrency, facade, overhead, reads, scaling, stream, submit};
 use system::Infra;
 
 /// chatq load benchmark.
@@ -92,6 +92,8 @@ enum Scenario {
     Scaling,
     /// Event streams: time to first token, subscribers held, deltas/s, resume.
     Stream,
+    /// The OpenAI-compatible facade: overhead vs the mock called directly, and a burst of 1,000.
+    Facade,
     /// Every scenario, then the report.
     All,
 }
@@ -137,6 +139,7 @@ async fn try_main() -> anyhow::Result<()> {
         Scenario::Reads => save(&ctx.out, "reads", &reads::run(&ctx).await?),
         Scenario::Scaling => save(&ctx.out, "scaling", &scaling::run(&ctx).await?),
         Scenario::Stream => save(&ctx.out, "stream", &stream::run(&ctx).await?),
+        Scenario::Facade => save(&ctx.out, "facade", &facade::run(&ctx).await?),
         Scenario::All => all(&ctx, &cli.report).await,
     }
 }
@@ -205,6 +208,7 @@ async fn all(ctx: &Ctx, report_path: &Path) -> anyhow::Result<()> {
     r.reads = step(ctx, &mut r, "reads", false, || reads::run(ctx)).await;
     r.scaling = step(ctx, &mut r, "scaling", true, || scaling::run(ctx)).await;
     r.stream = step(ctx, &mut r, "stream", true, || stream::run(ctx)).await;
+    r.facade = step(ctx, &mut r, "facade", true, || facade::run(ctx)).await;
     r.total_s = start.elapsed().as_secs_f64();
     save(&ctx.out, "results", &r)?;
     report::write(&r, report_path)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::scenarios::{burst, concurrency, overhead, reads, scaling, stream, submit};
+use crate::scenarios::{burst, concurrency, facade, overhead, reads, scaling, stream, submit};
 use crate::svg::{self, Panel};
 
 /// The machine the run happened on.
@@ -53,6 +53,8 @@ pub struct AllResults {
     pub scaling: Option<scaling::ScalingResult>,
     /// Scenario 7.
     pub stream: Option<stream::StreamResult>,
+    /// Scenario 8.
+    pub facade: Option<facade::FacadeResult>,
     /// Scenarios not run, with why.
     pub skipped: Vec<String>,
     /// Scenarios that failed, with the error.
@@ -193,6 +195,7 @@ pub fn targets(r: &AllResults) -> Vec<Target> {
         None => missing("one worker ≥ 1,500 completions/s at concurrency 2,000, RSS < 150 MB"),
     });
     stream_targets(r, &mut t);
+    facade_targets(r, &mut t);
     t
 }
 
@@ -222,6 +225,60 @@ fn stream_targets(r: &AllResults, t: &mut Vec<Target>) {
             met: Some(h.held >= 10_000 && h.done == h.held),
         },
         None => missing(held_what),
+    });
+}
+
+/// The facade targets: overhead at light load, every burst request answered.
+fn facade_targets(r: &AllResults, t: &mut Vec<Target>) {
+    let overhead_what = "`/v1/chat/completions` through chatq minus the mock called directly, \
+                         p50 < 10 ms at light load (plain, and streamed to the first chunk and \
+                         to `[DONE]`)";
+    t.push(match &r.facade {
+        Some(x) if !x.light.rows.is_empty() => {
+            let parts: Vec<String> = x
+                .light
+                .rows
+                .iter()
+                .map(|row| {
+                    format!(
+                        "{}: {:.1} ms (p99 {:.1} ms)",
+                        row.what, row.overhead_p50_ms, row.overhead_p99_ms
+                    )
+                })
+                .collect();
+            Target {
+                what: overhead_what.into(),
+                measured: parts.join("; "),
+                met: Some(
+                    x.light
+                        .rows
+                        .iter()
+                        .all(|row| row.overhead_p50_ms < 10.0 && row.chatq.count > 0),
+                ),
+            }
+        }
+        _ => missing(overhead_what),
+    });
+    let burst_what =
+        "1,000 concurrent `/v1/chat/completions` (2 workers, 1 s mock): every one answered";
+    t.push(match r.facade.as_ref().map(|x| &x.burst) {
+        Some(b) => Target {
+            what: burst_what.into(),
+            measured: format!(
+                "{} of {} answered, {:.0} requests/s over {:.2} s ({:.0}/s up to the last \
+                 answer at {:.2} s), p99 {:.0} ms; errors: {}",
+                b.load.ok,
+                b.requests,
+                b.load.ok_per_s,
+                b.load.elapsed_s,
+                b.answered_per_s,
+                b.last_answer_s,
+                b.load.latency.p99_ms,
+                b.load.errors_text()
+            ),
+            met: Some(b.load.ok == b.requests && b.load.error_total() == 0),
+        },
+        None => missing(burst_what),
     });
 }
 

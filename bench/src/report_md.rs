@@ -71,6 +71,7 @@ pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
     reads(&mut s, r);
     scaling(&mut s, r);
     stream(&mut s, r);
+    facade(&mut s, r);
     s
 }
 
@@ -297,4 +298,78 @@ fn stream(s: &mut String, r: &AllResults) {
         WORKER_COALESCE_MS
     );
     x.resume_table().markdown(s);
+}
+
+fn facade(s: &mut String, r: &AllResults) {
+    use crate::scenarios::facade;
+    s.push_str("\n## 8. facade — the OpenAI-compatible `POST /v1/chat/completions`\n\n");
+    let Some(x) = &r.facade else {
+        s.push_str("Not run (starts its own systems).\n\n");
+        return;
+    };
+    let l = &x.light;
+    s.push_str("### Overhead against the mock called directly, light load\n\n");
+    let _ = writeln!(
+        s,
+        "One client, one request at a time: {} warm-up rounds, then {} timed rounds. Each \
+         round sends the same OpenAI chat completion body (`model` `{}`, one user message) \
+         straight to the mock's `/v1/chat/completions` and to chatq's (bearer: a chatq API \
+         key), first with `stream: false` (clock stopped when the whole JSON response is \
+         read), then with `stream: true` (clocks stopped at the first chunk carrying content \
+         and at `data: [DONE]`); which side goes first alternates by round. The mock answers \
+         at once (`CHATQ_MOCK_LATENCY_MS` {}, its default one-sentence reply, streamed one \
+         word per chunk with no delay), so the difference is chatq's own: **overhead** = \
+         chatq − direct, per percentile (two distributions measured side by side in the same \
+         run, not per-pair differences). A chatq answer is a job: stored, published, claimed \
+         by one of {} workers (concurrency 64 each), which calls the same mock, then \
+         answered from the job. The job columns split chatq's time with PostgreSQL's \
+         clock: queue+claim = `started_at − created_at` (publish confirm, broker delivery, \
+         the worker's claim transaction), claim→finished = `finished_at − started_at` (the \
+         prompt read, the upstream call, the result's commit). \"text differs\" counts pairs \
+         whose chatq text was not the mock's text exactly. The machine was {:.0}% busy \
+         (all cores) over the timed rounds; one request at a time uses little of it, so the \
+         rest was other load, which the overhead (and its p99 most) includes.\n",
+        l.warmup,
+        l.rounds,
+        facade::MODEL,
+        l.mock_latency_ms,
+        l.workers,
+        l.machine_busy_pct
+    );
+    x.light_table().markdown(s);
+    let b = &x.burst;
+    s.push_str("### A burst of concurrent completions\n\n");
+    let _ = writeln!(
+        s,
+        "{} plain (`stream: false`) requests sent at once, one connection each, as that many \
+         OpenAI SDK clients would, with no retries (an SDK would retry a 429 or 5xx twice; \
+         here every failure is counted) and a client timeout of {} s. A fresh deployment: {} \
+         workers at `CHATQ_WORKER_CONCURRENCY={}` (room for every request at once), the mock \
+         answering after {} ms, the queue bound and the tenant's share far above the burst \
+         (`CHATQ_MAX_QUEUE_LENGTH` 1,000,000, `CHATQ_TENANT_QUEUE_SHARE` 1), the api's \
+         default `CHATQ_MAX_CONNECTIONS` (10,000); the facade route is exempt from \
+         `CHATQ_MAX_IN_FLIGHT_REQUESTS`. Four requests warm the deployment up first. \
+         requests/s = answered ÷ wall time (first request sent → last request ended, answered \
+         or timed out); answered/s by then = answered ÷ (first request sent → last answer \
+         read), the rate without the wait for requests that never got an answer; latency of \
+         the answered requests; errors by kind (HTTP status with the OpenAI error code, \
+         `timeout`, `connect`, `transport`). Peak LLM calls in flight is sampled from the \
+         mock every 50 ms. The job columns come from PostgreSQL once the deployment is idle: \
+         how long the api took to store the whole burst (first to last `created_at`), first \
+         stored → last `finished_at`, and the burst's jobs by status (a request whose client \
+         left has its job cancelled).\n",
+        b.requests, b.client_timeout_s, b.workers, b.worker_concurrency, b.mock_latency_ms
+    );
+    x.burst_table().markdown(s);
+    s.push_str(
+        "The ideal wall time is the mock's 1 s plus the time to store and publish the burst: \
+         every job is claimed as soon as it is queued, so the requests' latency above 1 s is \
+         the submission path under a 1,000-request burst (1,000 commits and publish confirms \
+         on the same 2 CPUs as the bench, the workers, the mock, PostgreSQL and RabbitMQ), the \
+         workers' claim and result transactions, and the api's wake-up of the waiting \
+         requests. A request that times out has its job cancelled when its client leaves; \
+         the last column says how far those jobs had got: never started = no worker claimed \
+         the job while its client waited; never published = no broker confirm recorded for it \
+         either.\n",
+    );
 }

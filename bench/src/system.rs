@@ -368,7 +368,14 @@ async fn analyze_every(db: PgPool, every: Duration) {
             .execute(&db)
             .await
         {
-            eprintln!("bench: analyze failed: {err}");
+            // 42P01: the api has not applied its migrations yet.
+            let undefined_table = err
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code == "42P01");
+            if !undefined_table {
+                eprintln!("bench: analyze failed: {err}");
+            }
         }
     }
 }

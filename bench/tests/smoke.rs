@@ -57,6 +57,7 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
         "reads",
         "scaling",
         "stream",
+        "facade",
     ] {
         assert!(md.contains(scenario), "the report mentions {scenario}");
     }
@@ -117,5 +118,27 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
             "resumed streams lose and repeat no text: {resume}"
         );
     }
+    let raw = std::fs::read_to_string(dir.join("facade.json")).expect("facade.json was written");
+    let facade: serde_json::Value = serde_json::from_str(&raw).expect("facade.json is JSON");
+    let rows = facade["light"]["rows"]
+        .as_array()
+        .expect("facade light rows");
+    assert_eq!(rows.len(), 3, "plain, first chunk, [DONE]: {facade}");
+    for row in rows {
+        assert!(
+            row["chatq"]["count"].as_u64().unwrap_or(0) > 0
+                && row["chatq"]["count"] == row["direct"]["count"],
+            "facade pairs were timed on both sides: {row}"
+        );
+        assert_eq!(
+            row["text_mismatches"], 0,
+            "chatq returned the mock's text: {row}"
+        );
+    }
+    assert!(
+        facade["burst"]["load"]["ok"].as_u64().unwrap_or(0) > 0,
+        "facade burst requests were answered: {}",
+        facade["burst"]
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

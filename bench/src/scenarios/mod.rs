@@ -2,6 +2,7 @@
 
 pub mod burst;
 pub mod concurrency;
+pub mod facade;
 pub mod overhead;
 pub mod reads;
 pub mod scaling;
