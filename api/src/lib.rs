@@ -157,7 +157,8 @@ impl AppState {
         let keys = KeyCache::default();
         let (binds, bind_commands) = tokio::sync::mpsc::unbounded_channel();
         let hub = JobHub::new(binds);
-        notify::start(db.clone(), hub.clone(), keys.clone(), shutdown.clone());
+        let listen = config.db.listen_pool(&db)?;
+        notify::start(listen, hub.clone(), keys.clone(), shutdown.clone());
         events::start(
             config.amqp.amqp_url.clone(),
             Topology::new(&config.amqp),

@@ -25,6 +25,11 @@ pub struct DbArgs {
     /// Maximum connections in this process's pool.
     #[arg(long, env = "CHATQ_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// A direct PostgreSQL URL for `LISTEN`, when `DATABASE_URL` goes
+    /// through a transaction pooler (which does not deliver notifications).
+    /// Unset: `DATABASE_URL`.
+    #[arg(long, env = "CHATQ_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
 }
 
 impl DbArgs {
@@ -37,7 +42,26 @@ impl DbArgs {
             .acquire_timeout(DB_ACQUIRE_TIMEOUT)
             .connect_lazy_with(options))
     }
+
+    /// Where `LISTEN` connections come from: a small pool on
+    /// `CHATQ_LISTEN_DATABASE_URL` when it is set, else `main`.
+    pub fn listen_pool(&self, main: &PgPool) -> Result<PgPool, sqlx::Error> {
+        match self
+            .listen_database_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+        {
+            Some(url) => Ok(PgPoolOptions::new()
+                .max_connections(LISTEN_CONNECTIONS)
+                .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+                .connect_lazy_with(url.parse()?)),
+            None => Ok(main.clone()),
+        }
+    }
 }
+
+/// Connections of the `LISTEN` pool: one per listener of a process.
+const LISTEN_CONNECTIONS: u32 = 4;
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone, clap::Args)]

@@ -156,6 +156,7 @@ struct Pause {
 /// This process's side of the shared budget.
 pub struct Budget {
     db: PgPool,
+    listen: PgPool,
     config: BudgetConfig,
     pauses: Mutex<HashMap<String, Pause>>,
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -164,7 +165,13 @@ pub struct Budget {
 
 impl Budget {
     /// Starts listening for releases and pauses until `stop`.
-    pub fn start(db: PgPool, mut config: BudgetConfig, stop: CancellationToken) -> Arc<Self> {
+    /// `listen` is where the `LISTEN` connection comes from.
+    pub fn start(
+        db: PgPool,
+        listen: PgPool,
+        mut config: BudgetConfig,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let usable = |l: &mut Limits| {
             l.requests = l.requests.map(|n| n * USABLE_SHARE);
             l.tokens = l.tokens.map(|n| n * USABLE_SHARE);
@@ -173,6 +180,7 @@ impl Budget {
         config.models.values_mut().for_each(usable);
         let budget = Arc::new(Self {
             db,
+            listen,
             config,
             pauses: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
@@ -320,7 +328,7 @@ impl Budget {
 
     async fn listen(&self) {
         loop {
-            match PgListener::connect_with(&self.db).await {
+            match PgListener::connect_with(&self.listen).await {
                 Ok(mut listener) => {
                     match listener.listen_all([RELEASE_CHANNEL, PAUSE_CHANNEL]).await {
                         Ok(()) => {

@@ -92,6 +92,10 @@ pub struct WorkerConfig {
     /// difference is refunded when the reply's usage arrives.
     #[arg(long, env = "CHATQ_LLM_TOKENS_PER_MINUTE", value_parser = parse_rate)]
     pub llm_tokens_per_minute: Option<f64>,
+    /// Finished jobs older than this many days are deleted (fractions
+    /// allowed); their messages stay, as the conversation's history.
+    #[arg(long = "retention-days", env = "CHATQ_RETENTION_DAYS", default_value = "30", value_parser = parse_days)]
+    pub retention: Duration,
     /// Per-model overrides of the three limits above, as JSON:
     /// `{"<model>": {"max_concurrency"?, "requests_per_minute"?, "tokens_per_minute"?}}`;
     /// a model's entry replaces only the limits it names.
@@ -132,6 +136,15 @@ impl WorkerConfig {
     }
 }
 
+fn parse_days(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(days) if days.is_finite() && days >= 0.0 => {
+            Duration::try_from_secs_f64(days * 86_400.0).map_err(|e| e.to_string())
+        }
+        _ => Err(format!("expected a number of days, got {s:?}")),
+    }
+}
+
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -160,8 +173,13 @@ pub async fn run(
         relay_grace: config.relay_grace,
         republish_after: config.republish_after,
         max_attempts: config.max_attempts,
+        retention: config.retention,
     };
     let budget_config = config.budget().map_err(anyhow::Error::msg)?;
+    let listen = config
+        .db
+        .listen_pool(&db)
+        .context("configuring the LISTEN connection")?;
     let stop_background = CancellationToken::new();
     let metrics = Arc::new(metrics::WorkerMetrics::new(config.concurrency));
     metrics::start(
@@ -178,8 +196,8 @@ pub async fn run(
         db: db.clone(),
         llm,
         publisher: publisher.clone(),
-        cancels: cancels::CancelWatch::start(db.clone(), stop_background.clone()),
-        budget: budget::Budget::start(db.clone(), budget_config, stop_background.clone()),
+        cancels: cancels::CancelWatch::start(listen.clone(), stop_background.clone()),
+        budget: budget::Budget::start(db.clone(), listen, budget_config, stop_background.clone()),
         metrics,
         config,
     });

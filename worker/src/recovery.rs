@@ -18,6 +18,10 @@ use uuid::Uuid;
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// Jobs handled per pass and statement.
 const BATCH: i64 = 500;
+/// Pause between two retention sweeps.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// Jobs deleted per retention statement.
+const RETENTION_BATCH: i64 = 1_000;
 /// Longest pause between two looks for vanished messages.
 const MAX_REPUBLISH_CHECK: Duration = Duration::from_secs(30);
 
@@ -30,6 +34,8 @@ pub struct RecoverySettings {
     pub republish_after: Duration,
     /// Attempts a job may take (`CHATQ_MAX_ATTEMPTS`).
     pub max_attempts: u32,
+    /// Finished jobs older than this are deleted (`CHATQ_RETENTION_DAYS`).
+    pub retention: Duration,
 }
 
 /// Runs recovery passes until `shutdown`.
@@ -41,7 +47,14 @@ pub async fn run(
 ) {
     let check_every = (settings.republish_after / 4).clamp(RECOVERY_INTERVAL, MAX_REPUBLISH_CHECK);
     let mut next_republish_check = Instant::now() + check_every;
+    let mut next_retention = Instant::now();
     loop {
+        if Instant::now() >= next_retention {
+            next_retention = Instant::now() + RETENTION_INTERVAL;
+            if let Err(err) = expire_finished(&db, settings.retention).await {
+                tracing::warn!(error = %err, "retention sweep failed; will retry");
+            }
+        }
         if let Err(err) = pass(&db, &publisher, &settings).await {
             tracing::warn!(error = %err, "recovery pass failed; will retry");
         }
@@ -104,6 +117,23 @@ async fn pass(
         // Let new submissions' publishes through between batches of a backlog.
         tokio::task::yield_now().await;
     }
+}
+
+/// Deletes jobs finished longer than `retention` ago, a batch at a time.
+async fn expire_finished(db: &PgPool, retention: Duration) -> sqlx::Result<()> {
+    let mut deleted = 0;
+    loop {
+        let n = jobs::delete_finished_before(db, retention, RETENTION_BATCH).await?;
+        deleted += n;
+        if n < RETENTION_BATCH.unsigned_abs() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    if deleted > 0 {
+        tracing::info!(jobs = deleted, "deleted finished jobs past their retention");
+    }
+    Ok(())
 }
 
 /// Republishes queued jobs whose message is no longer in the broker.

@@ -503,6 +503,28 @@ pub async fn lock_unpublished(
     .await
 }
 
+/// Deletes up to `limit` jobs that finished more than `age` ago (their
+/// messages stay: they are the conversation); returns how many.
+pub async fn delete_finished_before(
+    db: impl PgExecutor<'_>,
+    age: Duration,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from jobs where id in (
+             select id from jobs
+             where status in ('succeeded', 'failed', 'cancelled')
+               and created_at < now() - make_interval(secs => $1)
+               and finished_at < now() - make_interval(secs => $1)
+             limit $2)",
+    )
+    .bind(age.as_secs_f64())
+    .bind(limit)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Job counts for operators.
 #[derive(Debug, Clone)]
 pub struct JobStats {
