@@ -19,6 +19,7 @@ pub mod replay;
 pub mod routes;
 pub mod server;
 pub mod submission;
+pub mod trace;
 pub mod validate;
 pub mod views;
 
@@ -207,8 +208,13 @@ pub fn router(state: AppState) -> Router {
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or("unmatched", MatchedPath::as_str);
-            tracing::info_span!("request", method = %req.method(), route = %route)
+            let trace_id = req
+                .extensions()
+                .get::<trace::TraceContext>()
+                .map_or("", |t| t.trace_id.as_str());
+            tracing::info_span!("request", method = %req.method(), route = %route, trace_id)
         }))
+        .layer(axum::middleware::from_fn(trace::layer))
         // Outside the trace span: a shed request costs no span and no error
         // log of its own (shedding is logged at most once a second).
         .layer(axum::middleware::from_fn_with_state(

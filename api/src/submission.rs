@@ -31,6 +31,8 @@ pub struct TurnInput {
     pub priority: Priority,
     /// Upstream sampling parameters forwarded unchanged (a JSON object).
     pub sampling: Option<serde_json::Value>,
+    /// W3C `traceparent` of the request (its span as the parent).
+    pub trace_parent: Option<String>,
 }
 
 /// Where the turn goes.
@@ -207,6 +209,7 @@ async fn store(
         content: turn.content,
         priority: turn.priority,
         sampling: turn.sampling,
+        trace_parent: turn.trace_parent,
     };
     let keyed = idempotency.map(|i| (i.key.as_str(), i.request_hash.as_slice()));
     let stored = match (history, keyed) {

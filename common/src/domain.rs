@@ -100,6 +100,8 @@ pub struct Job {
     pub start_tag: f64,
     /// A retry waiting out its delay does not start before this.
     pub not_before: Option<DateTime<Utc>>,
+    /// W3C `traceparent` of the submitting request.
+    pub trace_parent: Option<String>,
 }
 
 impl Job {

@@ -152,16 +152,34 @@ fn watch_metrics_line(child: &mut Child) -> tokio::sync::watch::Receiver<Option<
 
 fn command(name: &str, envs: &[(String, String)]) -> Command {
     let mut cmd = Command::new(bin_path(name));
-    cmd.envs(envs.iter().cloned())
-        .env(
-            "RUST_LOG",
-            std::env::var("CHATQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+    // A test's own RUST_LOG (in `envs`) wins over the default.
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("CHATQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .envs(envs.iter().cloned())
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(log_sink(envs))
+    .kill_on_drop(true);
     cmd
+}
+
+/// Where a process's log goes: appended to the file named by
+/// `CHATQ_TEST_LOG_FILE` in its environment (for tests that read logs),
+/// else the test's stderr.
+fn log_sink(envs: &[(String, String)]) -> Stdio {
+    envs.iter()
+        .rev()
+        .find(|(k, _)| k == "CHATQ_TEST_LOG_FILE")
+        .and_then(|(_, path)| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .map_or_else(Stdio::inherit, Stdio::from)
 }
 
 impl TestEnv {

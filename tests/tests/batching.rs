@@ -23,6 +23,7 @@ fn turn(tenant_id: Uuid, conversation_id: Uuid, model: &str, content: &str) -> N
         content: content.into(),
         priority: Priority::Interactive,
         sampling: None,
+        trace_parent: None,
     }
 }
 

@@ -226,6 +226,7 @@ async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: Canc
     let span = tracing::info_span!(
         "job",
         job_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
         message.job_id = %hint,
         job.attempt = tracing::field::Empty
     );

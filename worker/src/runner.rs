@@ -108,6 +108,15 @@ pub async fn run_job(
     let span = tracing::Span::current();
     span.record("job_id", tracing::field::display(id));
     span.record("job.attempt", job.attempts);
+    // The submitting request's trace (W3C `traceparent`: version, trace id,
+    // parent span, flags).
+    if let Some(trace_id) = job
+        .trace_parent
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+    {
+        span.record("trace_id", trace_id);
+    }
     // Registered right after the claim: a cancellation announced from here
     // on stops the call at once (one announced between the claim and here
     // is caught by the first heartbeat).

@@ -15,11 +15,11 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use futures_util::stream;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -43,6 +43,7 @@ use crate::openai::{
 use crate::routes::conversations::NewConversation;
 use crate::routes::submit::idempotency;
 use crate::submission::{self, Target, TurnInput};
+use crate::trace::TraceContext;
 
 /// A waiting request re-reads its job at least this often.
 const WAIT_RECHECK: Duration = Duration::from_secs(5);
@@ -88,6 +89,7 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     tenant: Result<Tenant, ApiError>,
     headers: HeaderMap,
+    Extension(trace): Extension<TraceContext>,
     body: Result<JsonBody<serde_json::Map<String, Value>>, ApiError>,
 ) -> Answer {
     let tenant = tenant?;
@@ -109,6 +111,7 @@ pub async fn chat_completions(
         temperature: request.temperature,
         priority: request.priority,
         sampling: (!request.sampling.is_empty()).then(|| Value::Object(request.sampling.clone())),
+        trace_parent: Some(trace.traceparent()),
     };
     let target = Target::NewWithHistory(conversation, std::mem::take(&mut request.history));
     let job = submission::submit(&state, &tenant, target, turn, idempotency.as_ref()).await?;

@@ -2,10 +2,10 @@
 //! and `POST /v1/chat` validate, then hand the turn to [`crate::submission`]
 //! and answer `202` with the job.
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use utoipa::ToSchema;
@@ -18,6 +18,7 @@ use crate::auth::Tenant;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{IdPath, JsonBody};
 use crate::submission::{self, Idempotency, Target, TurnInput};
+use crate::trace::TraceContext;
 use crate::views::JobView;
 
 /// Largest accepted `max_tokens`.
@@ -111,6 +112,7 @@ pub async fn submit(
     tenant: Tenant,
     IdPath(conversation_id): IdPath,
     headers: HeaderMap,
+    Extension(trace): Extension<TraceContext>,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> ApiResult<Response> {
     let idempotency = idempotency(&headers, &("messages", conversation_id, &body))?;
@@ -122,6 +124,7 @@ pub async fn submit(
         body.temperature,
     )?;
     turn.priority = body.priority.unwrap_or_default();
+    turn.trace_parent = Some(trace.traceparent());
     let job = submission::submit(
         &state,
         &tenant,
@@ -160,6 +163,7 @@ pub async fn chat(
     State(state): State<AppState>,
     tenant: Tenant,
     headers: HeaderMap,
+    Extension(trace): Extension<TraceContext>,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> ApiResult<Response> {
     let idempotency = idempotency(&headers, &("chat", &body))?;
@@ -171,6 +175,7 @@ pub async fn chat(
         body.temperature,
     )?;
     turn.priority = body.priority.unwrap_or_default();
+    turn.trace_parent = Some(trace.traceparent());
     let new = validate_new_conversation(&state, body.system_prompt, body.model, body.metadata)?;
     let job = submission::submit(
         &state,
@@ -223,6 +228,7 @@ pub fn validate_turn(
         temperature,
         priority: Priority::default(),
         sampling: None,
+        trace_parent: None,
     })
 }
 

@@ -31,9 +31,10 @@ pub async fn submit_one(
              select id, model from conversations where tenant_id = $2 and id = $3 and not $14
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               idempotency_key, request_hash, priority, sampling, cost)
+                               idempotency_key, request_hash, priority, sampling, cost,
+                               trace_parent)
              select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8,
-                    $15, $16, chatq_estimate_tokens(length($10), $5)
+                    $15, $16, chatq_estimate_tokens(length($10), $5), $17
              from conv
              returning *
          ), msg as (
@@ -58,6 +59,7 @@ pub async fn submit_one(
     .bind(c.is_some())
     .bind(turn.priority)
     .bind(&turn.sampling)
+    .bind(&turn.trace_parent)
     .fetch_optional(db)
     .await
 }
@@ -125,6 +127,8 @@ pub struct NewTurn {
     pub priority: Priority,
     /// Upstream sampling parameters forwarded unchanged (a JSON object).
     pub sampling: Option<serde_json::Value>,
+    /// W3C `traceparent` of the submitting request.
+    pub trace_parent: Option<String>,
 }
 
 /// Stores many turns with one statement (one round trip, one commit) and
@@ -148,6 +152,7 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     let mut contents = Vec::with_capacity(n);
     let mut priorities = Vec::with_capacity(n);
     let mut samplings = Vec::with_capacity(n);
+    let mut trace_parents = Vec::with_capacity(n);
     for t in turns {
         job_ids.push(t.job_id);
         tenant_ids.push(t.tenant_id);
@@ -164,15 +169,17 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
         contents.push(t.content.as_str());
         priorities.push(t.priority);
         samplings.push(t.sampling.clone());
+        trace_parents.push(t.trace_parent.as_deref());
     }
     sqlx::query_as(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bool[], $5::text[],
                                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::float8[],
-                                  $11::uuid[], $12::text[], $13::text[], $14::jsonb[])
+                                  $11::uuid[], $12::text[], $13::text[], $14::jsonb[],
+                                  $15::text[])
                  as t(job_id, tenant_id, conversation_id, is_new, system_prompt,
                       conversation_model, metadata, model, max_tokens, temperature,
-                      message_id, content, priority, sampling)
+                      message_id, content, priority, sampling, trace_parent)
          ), new_conv as (
              insert into conversations (id, tenant_id, system_prompt, model, metadata)
              select conversation_id, tenant_id, system_prompt, conversation_model, metadata
@@ -186,10 +193,11 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
                    (select tenant_id, conversation_id from input where not is_new)
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               priority, sampling, cost)
+                               priority, sampling, cost, trace_parent)
              select i.job_id, i.tenant_id, i.conversation_id,
                     coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature,
-                    i.priority, i.sampling, chatq_estimate_tokens(length(i.content), i.max_tokens)
+                    i.priority, i.sampling, chatq_estimate_tokens(length(i.content), i.max_tokens),
+                    i.trace_parent
              from input i
              join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
              on conflict do nothing
@@ -215,6 +223,7 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     .bind(contents)
     .bind(priorities)
     .bind(samplings)
+    .bind(trace_parents)
     .fetch_all(db)
     .await
 }
