@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use ctx::{Ctx, External};
 use report::AllResults;
-use scenarios::{burst, concurrency, facade, overhead, reads, scaling, stream, submit};
+use scenarios::{burst, concurrency, facade, flow, overhead, reads, scaling, stream, submit};
 use system::Infra;
 
 /// chatq load benchmark.
@@ -94,6 +94,8 @@ enum Scenario {
     Stream,
     /// The OpenAI-compatible facade: overhead vs the mock called directly, and a burst of 1,000.
     Facade,
+    /// Flow control: 429s and goodput at a saturated budget, fairness, lanes, queue ETA.
+    Flow,
     /// Every scenario, then the report.
     All,
 }
@@ -140,6 +142,7 @@ async fn try_main() -> anyhow::Result<()> {
         Scenario::Scaling => save(&ctx.out, "scaling", &scaling::run(&ctx).await?),
         Scenario::Stream => save(&ctx.out, "stream", &stream::run(&ctx).await?),
         Scenario::Facade => save(&ctx.out, "facade", &facade::run(&ctx).await?),
+        Scenario::Flow => save(&ctx.out, "flow", &flow::run(&ctx).await?),
         Scenario::All => all(&ctx, &cli.report).await,
     }
 }
@@ -209,6 +212,7 @@ async fn all(ctx: &Ctx, report_path: &Path) -> anyhow::Result<()> {
     r.scaling = step(ctx, &mut r, "scaling", true, || scaling::run(ctx)).await;
     r.stream = step(ctx, &mut r, "stream", true, || stream::run(ctx)).await;
     r.facade = step(ctx, &mut r, "facade", true, || facade::run(ctx)).await;
+    r.flow = step(ctx, &mut r, "flow", true, || flow::run(ctx)).await;
     r.total_s = start.elapsed().as_secs_f64();
     save(&ctx.out, "results", &r)?;
     report::write(&r, report_path)?;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::scenarios::{burst, concurrency, facade, overhead, reads, scaling, stream, submit};
+use crate::scenarios::{
+    burst, concurrency, facade, flow, overhead, reads, scaling, stream, submit,
+};
 use crate::svg::{self, Panel};
 
 /// The machine the run happened on.
@@ -55,6 +57,8 @@ pub struct AllResults {
     pub stream: Option<stream::StreamResult>,
     /// Scenario 8.
     pub facade: Option<facade::FacadeResult>,
+    /// Scenario 9.
+    pub flow: Option<flow::FlowResult>,
     /// Scenarios not run, with why.
     pub skipped: Vec<String>,
     /// Scenarios that failed, with the error.
@@ -196,6 +200,14 @@ pub fn targets(r: &AllResults) -> Vec<Target> {
     });
     stream_targets(r, &mut t);
     facade_targets(r, &mut t);
+    match &r.flow {
+        Some(x) => t.extend(x.targets().into_iter().map(|f| Target {
+            what: f.what,
+            measured: f.measured,
+            met: Some(f.met),
+        })),
+        None => t.push(missing("flow: 429s < 1%, goodput ≥ 90%, Jain ≥ 0.95")),
+    }
     t
 }
 

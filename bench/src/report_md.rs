@@ -72,6 +72,11 @@ pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
     scaling(&mut s, r);
     stream(&mut s, r);
     facade(&mut s, r);
+    s.push_str("\n## 9. flow — flow control: shared budget, fairness, lanes, queue ETA\n\n");
+    match &r.flow {
+        Some(x) => x.markdown(&mut s),
+        None => s.push_str("Not run (starts its own systems).\n\n"),
+    }
     s
 }
 

@@ -39,6 +39,8 @@ pub struct SystemOptions {
     pub max_queue_length: u64,
     /// Extra environment of the api process (e.g. `CHATQ_MAX_CONNECTIONS`).
     pub api_env: Vec<(String, String)>,
+    /// Extra environment of every worker process (e.g. `CHATQ_LLM_MAX_CONCURRENCY`).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for SystemOptions {
@@ -50,6 +52,7 @@ impl Default for SystemOptions {
             mock_latency_ms: 0,
             max_queue_length: 1_000_000,
             api_env: Vec::new(),
+            worker_env: Vec::new(),
         }
     }
 }
@@ -261,6 +264,7 @@ impl System {
         if let Some(n) = opts.worker_db_connections {
             worker_env.push(("CHATQ_DB_MAX_CONNECTIONS".into(), n.to_string()));
         }
+        worker_env.extend(opts.worker_env.iter().cloned());
         self.worker_env = worker_env;
 
         wait_ready(http, &self.api_url).await?;

@@ -346,6 +346,13 @@ async fn queue_position_counts_down_to_one_then_disappears() -> anyhow::Result<(
     );
     let (_, done) = (ids, env.api.wait_terminal(&key, &id, DEADLINE).await?);
     assert_eq!(done["status"], "succeeded");
+    // Its estimated tokens: 4 characters at 4 per token, plus 256 for a
+    // reply without max_tokens.
+    let cost: i32 = sqlx::query_scalar("select cost from jobs where id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(cost, 257);
     env.cleanup().await;
     Ok(())
 }

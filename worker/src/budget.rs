@@ -21,16 +21,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use chatq_common::db::llm_budget::{self, Limits, PAUSE_CHANNEL, RELEASE_CHANNEL};
+use chatq_common::db::llm_budget::{self, Limits, PAUSE_CHANNEL};
 
-/// Pause before listening again after the listener connection failed.
-const RELISTEN_DELAY: Duration = Duration::from_secs(1);
 /// Wait before asking again when the database could not be read.
 const DB_RETRY: Duration = Duration::from_secs(1);
 /// Bounds of the window over which calls resume after a provider pause.
@@ -156,7 +153,6 @@ struct Pause {
 /// This process's side of the shared budget.
 pub struct Budget {
     db: PgPool,
-    listen: PgPool,
     config: BudgetConfig,
     pauses: Mutex<HashMap<String, Pause>>,
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -164,36 +160,22 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Starts listening for releases and pauses until `stop`.
-    /// `listen` is where the `LISTEN` connection comes from.
-    pub fn start(
-        db: PgPool,
-        listen: PgPool,
-        mut config: BudgetConfig,
-        stop: CancellationToken,
-    ) -> Arc<Self> {
+    /// The budget; the process's listener (`crate::cancels`) feeds it
+    /// releases and pauses ([`Budget::notified`], [`Budget::relistened`]).
+    pub fn new(db: PgPool, mut config: BudgetConfig) -> Arc<Self> {
         let usable = |l: &mut Limits| {
             l.requests = l.requests.map(|n| n * USABLE_SHARE);
             l.tokens = l.tokens.map(|n| n * USABLE_SHARE);
         };
         usable(&mut config.default);
         config.models.values_mut().for_each(usable);
-        let budget = Arc::new(Self {
+        Arc::new(Self {
             db,
-            listen,
             config,
             pauses: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             released: Notify::new(),
-        });
-        let listener = Arc::clone(&budget);
-        tokio::spawn(async move {
-            tokio::select! {
-                () = listener.listen() => {}
-                () = stop.cancelled() => {}
-            }
-        });
-        budget
+        })
     }
 
     /// Whether any model has limits (then capacity is taken before a job
@@ -326,49 +308,29 @@ impl Budget {
         Arc::clone(lock(&self.gates).entry(model.to_owned()).or_default())
     }
 
-    async fn listen(&self) {
-        loop {
-            match PgListener::connect_with(&self.listen).await {
-                Ok(mut listener) => {
-                    match listener.listen_all([RELEASE_CHANNEL, PAUSE_CHANNEL]).await {
-                        Ok(()) => {
-                            // Pauses announced while no one listened.
-                            match llm_budget::active_pauses(&self.db).await {
-                                Ok(active) => {
-                                    for (model, left, spread) in active {
-                                        self.note_pause(&model, secs(left), secs(spread));
-                                    }
-                                }
-                                Err(err) => tracing::debug!(error = %err, "cannot read pauses"),
-                            }
-                            self.released.notify_waiters();
-                            self.follow(&mut listener).await;
-                        }
-                        Err(err) => tracing::debug!(error = %err, "LISTEN for the budget failed"),
-                    }
+    /// After the listener (re)connected: pauses announced while no one
+    /// listened are read back, and waiters ask again.
+    pub async fn relistened(&self) {
+        match llm_budget::active_pauses(&self.db).await {
+            Ok(active) => {
+                for (model, left, spread) in active {
+                    self.note_pause(&model, secs(left), secs(spread));
                 }
-                Err(err) => tracing::debug!(error = %err, "cannot open the budget listener"),
             }
-            tokio::time::sleep(RELISTEN_DELAY).await;
+            Err(err) => tracing::debug!(error = %err, "cannot read pauses"),
         }
+        self.released.notify_waiters();
     }
 
-    async fn follow(&self, listener: &mut PgListener) {
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(note)) if note.channel() == PAUSE_CHANNEL => {
-                    if let Ok(p) = serde_json::from_str::<PauseNote>(note.payload()) {
-                        let left = p.until - now_epoch();
-                        self.note_pause(&p.model, secs(left), secs(p.spread));
-                    }
-                }
-                Ok(Some(_)) => self.released.notify_waiters(),
-                Ok(None) => return,
-                Err(err) => {
-                    tracing::debug!(error = %err, "budget listener failed");
-                    return;
-                }
+    /// A notification on the budget's channels (releases, pauses).
+    pub fn notified(&self, channel: &str, payload: &str) {
+        if channel == PAUSE_CHANNEL {
+            if let Ok(p) = serde_json::from_str::<PauseNote>(payload) {
+                let left = p.until - now_epoch();
+                self.note_pause(&p.model, secs(left), secs(p.spread));
             }
+        } else {
+            self.released.notify_waiters();
         }
     }
 }

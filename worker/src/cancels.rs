@@ -1,3 +1,6 @@
+//! The worker's one `LISTEN` connection: cancellations here, the LLM
+//! budget's releases and pauses handed to [`Budget`].
+//!
 //! Prompt cancellation: `POST /v1/jobs/{id}/cancel` and deleting a
 //! conversation announce the job on [`CANCEL_CHANNEL`]; each worker listens
 //! and stops the LLM call of a job it is running at once, instead of at its
@@ -14,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use chatq_common::db::CANCEL_CHANNEL;
+use chatq_common::db::llm_budget::{PAUSE_CHANNEL, RELEASE_CHANNEL};
+
+use crate::budget::Budget;
 
 /// Pause before listening again after the listener connection failed.
 const RELISTEN_DELAY: Duration = Duration::from_secs(1);
@@ -33,13 +39,14 @@ pub struct Registration {
 }
 
 impl CancelWatch {
-    /// Listens until `stop`.
-    pub fn start(db: PgPool, stop: CancellationToken) -> Self {
+    /// Listens until `stop`, on one connection for the process: its own
+    /// channel and the LLM budget's (releases and pauses go to `budget`).
+    pub fn start(db: PgPool, budget: Arc<Budget>, stop: CancellationToken) -> Self {
         let watch = Self::default();
         let running = watch.running.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = listen(db, running) => {}
+                () = listen(db, running, budget) => {}
                 () = stop.cancelled() => {}
             }
         });
@@ -68,30 +75,35 @@ fn lock(running: &Running) -> MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
     running.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn listen(db: PgPool, running: Running) {
+async fn listen(db: PgPool, running: Running, budget: Arc<Budget>) {
+    let channels = [CANCEL_CHANNEL, RELEASE_CHANNEL, PAUSE_CHANNEL];
     loop {
         match PgListener::connect_with(&db).await {
-            Ok(mut listener) => match listener.listen(CANCEL_CHANNEL).await {
-                Ok(()) => loop {
-                    match listener.try_recv().await {
-                        Ok(Some(note)) => {
-                            if let Ok(id) = Uuid::parse_str(note.payload())
-                                && let Some(token) = lock(&running).get(&id)
-                            {
-                                tracing::info!(job_id = %id, "cancelled: stopping its LLM call");
-                                token.cancel();
+            Ok(mut listener) => match listener.listen_all(channels).await {
+                Ok(()) => {
+                    budget.relistened().await;
+                    loop {
+                        match listener.try_recv().await {
+                            Ok(Some(note)) if note.channel() == CANCEL_CHANNEL => {
+                                if let Ok(id) = Uuid::parse_str(note.payload())
+                                    && let Some(token) = lock(&running).get(&id)
+                                {
+                                    tracing::info!(job_id = %id, "cancelled: stopping its LLM call");
+                                    token.cancel();
+                                }
+                            }
+                            Ok(Some(note)) => budget.notified(note.channel(), note.payload()),
+                            Ok(None) => break,
+                            Err(err) => {
+                                tracing::debug!(error = %err, "listener failed");
+                                break;
                             }
                         }
-                        Ok(None) => break,
-                        Err(err) => {
-                            tracing::debug!(error = %err, "cancel listener failed");
-                            break;
-                        }
                     }
-                },
-                Err(err) => tracing::debug!(error = %err, "LISTEN for cancellations failed"),
+                }
+                Err(err) => tracing::debug!(error = %err, "LISTEN failed"),
             },
-            Err(err) => tracing::debug!(error = %err, "cannot open the cancel listener"),
+            Err(err) => tracing::debug!(error = %err, "cannot open the listener"),
         }
         tokio::time::sleep(RELISTEN_DELAY).await;
     }

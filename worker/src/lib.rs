@@ -190,14 +190,15 @@ pub async fn run(
         stop_background.clone(),
     )
     .await;
+    let budget = budget::Budget::new(db.clone(), budget_config);
     let ctx = Arc::new(runner::JobContext {
         paused: controls::watch_pause(db.clone(), stop_background.clone()).await,
         store: store::JobStore::start(db.clone(), config.lease),
         db: db.clone(),
         llm,
         publisher: publisher.clone(),
-        cancels: cancels::CancelWatch::start(listen.clone(), stop_background.clone()),
-        budget: budget::Budget::start(db.clone(), listen, budget_config, stop_background.clone()),
+        cancels: cancels::CancelWatch::start(listen, Arc::clone(&budget), stop_background.clone()),
+        budget,
         metrics,
         config,
     });
