@@ -30,6 +30,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads="${CHATQ_TEST_THREADS:-4}" 2>&1 | tee "$log" || status=$?
+# Load tests (marked #[ignore]) run alone, one at a time, after the rest.
+cargo test --workspace --no-fail-fast -- --ignored --test-threads=1 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
