@@ -25,6 +25,8 @@ pub struct Tenant {
     pub key_id: Uuid,
     /// The key's submission limit per minute, if any.
     pub rate_limit_per_minute: Option<i32>,
+    /// Jobs of this key running at once, if limited.
+    pub max_concurrency: Option<i32>,
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -61,6 +63,7 @@ impl FromRequestParts<AppState> for Tenant {
             id: key.tenant_id,
             key_id: key.id,
             rate_limit_per_minute: key.rate_limit_per_minute,
+            max_concurrency: key.max_concurrency,
         })
     }
 }

@@ -208,11 +208,7 @@ pub fn router(state: AppState) -> Router {
                 .extensions()
                 .get::<MatchedPath>()
                 .map_or("unmatched", MatchedPath::as_str);
-            let trace_id = req
-                .extensions()
-                .get::<trace::TraceContext>()
-                .map_or("", |t| t.trace_id.as_str());
-            tracing::info_span!("request", method = %req.method(), route = %route, trace_id)
+            trace::request_span(req, route)
         }))
         .layer(axum::middleware::from_fn(trace::layer))
         // Outside the trace span: a shed request costs no span and no error

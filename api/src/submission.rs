@@ -210,6 +210,7 @@ async fn store(
         priority: turn.priority,
         sampling: turn.sampling,
         trace_parent: turn.trace_parent,
+        key: Some((tenant.key_id, tenant.max_concurrency)),
     };
     let keyed = idempotency.map(|i| (i.key.as_str(), i.request_hash.as_slice()));
     let stored = match (history, keyed) {

@@ -4,10 +4,13 @@
 //! that created it, so the worker's span for the job joins the same trace.
 //! It is stored with the job rather than sent in the queue message because
 //! a message may start another job than the one it names (flow control).
+//! With OTLP export on (`chatq_common::telemetry`), the ids are the
+//! exported spans' own, so the worker's span is the child of the submit's.
 
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
+use chatq_common::telemetry;
 
 /// The trace a request belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,51 +21,37 @@ pub struct TraceContext {
     pub span_id: String,
     /// Trace flags, 2 hex digits.
     pub flags: String,
+    /// The client's valid `traceparent`, if it sent one.
+    pub incoming: Option<String>,
 }
 
 impl TraceContext {
     /// Continues the trace of a valid `traceparent` header, else starts one.
     pub fn from_header(header: Option<&str>) -> Self {
         let span_id = hex_id(8);
-        match header.and_then(parse) {
-            Some((trace_id, flags)) => Self {
-                trace_id,
+        match header.and_then(telemetry::parse_traceparent) {
+            Some((trace_id, _, flags)) => Self {
+                trace_id: trace_id.to_owned(),
                 span_id,
-                flags,
+                flags: flags.to_owned(),
+                incoming: header.map(str::to_owned),
             },
             None => Self {
                 trace_id: hex_id(16),
                 span_id,
                 flags: "01".to_owned(),
+                incoming: None,
             },
         }
     }
 
-    /// The `traceparent` naming this request's span as the parent.
+    /// The `traceparent` naming this request's span as the parent: the
+    /// exported span's ids when traces are exported (the handler runs in
+    /// the request span), else this context's.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        telemetry::span_traceparent(&tracing::Span::current())
+            .unwrap_or_else(|| format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags))
     }
-}
-
-/// `(trace id, flags)` of a version-00 `traceparent`; `None` if malformed
-/// or all-zero ids (which the spec says to ignore).
-fn parse(header: &str) -> Option<(String, String)> {
-    let mut parts = header.trim().split('-');
-    let (version, trace_id, parent_id, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let ok = version == "00"
-        && parts.next().is_none()
-        && hex(trace_id, 32)
-        && hex(parent_id, 16)
-        && hex(flags, 2)
-        && trace_id.bytes().any(|b| b != b'0')
-        && parent_id.bytes().any(|b| b != b'0');
-    ok.then(|| (trace_id.to_owned(), flags.to_owned()))
 }
 
 fn hex_id(bytes: usize) -> String {
@@ -80,6 +69,33 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let trace = TraceContext::from_header(header);
     req.extensions_mut().insert(trace);
     next.run(req).await
+}
+
+/// The span of one request, in its trace: the child of the client's
+/// `traceparent` if it sent one. Its `trace_id` field is the exported
+/// trace's when traces are exported.
+pub fn request_span(req: &Request, route: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = %route,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(trace) = req.extensions().get::<TraceContext>() {
+        if let Some(incoming) = &trace.incoming {
+            telemetry::continue_trace(&span, incoming);
+        }
+        match telemetry::span_traceparent(&span) {
+            Some(exported) => {
+                let trace_id = exported.split('-').nth(1).unwrap_or_default();
+                span.record("trace_id", trace_id);
+            }
+            None => {
+                span.record("trace_id", trace.trace_id.as_str());
+            }
+        }
+    }
+    span
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ fn turn(tenant_id: Uuid, conversation_id: Uuid, model: &str, content: &str) -> N
         priority: Priority::Interactive,
         sampling: None,
         trace_parent: None,
+        key: None,
     }
 }
 

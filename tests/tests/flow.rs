@@ -356,3 +356,64 @@ async fn queue_position_counts_down_to_one_then_disappears() -> anyhow::Result<(
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_keys_max_concurrency_holds_across_workers_without_blocking_other_keys()
+-> anyhow::Result<()> {
+    let (env, _) = TestEnv::start_with_key(EnvOptions {
+        workers: 2,
+        mock_env: env_of(&[("CHATQ_MOCK_LATENCY_MS", "400")]),
+        worker_env: env_of(&[("CHATQ_WORKER_CONCURRENCY", "8")]),
+        ..Default::default()
+    })
+    .await?;
+    let r = env
+        .api
+        .admin_post(
+            "/admin/v1/api-keys",
+            &json!({"tenant": "capped", "max_concurrency": 2}),
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let capped = r.str("key");
+    let (_, free) = env.create_key("free").await?;
+
+    // 16 worker slots, a key allowed 2: the mock never sees more than 2.
+    submit(&env, &capped, 12, "capped", json!({})).await?;
+    wait_succeeded(&env, 12).await?;
+    let stats = env.mock_stats().await?;
+    let peak = stat(&stats, "peak_in_flight");
+    assert!(
+        (1..=2).contains(&peak),
+        "a key with max_concurrency 2 had {peak} calls at once: {stats}"
+    );
+
+    // Its backlog does not hold up another key's job.
+    let backlog = submit(&env, &capped, 16, "backlog", json!({})).await?;
+    let single = submit(&env, &free, 1, "free", json!({})).await?[0];
+    let job = env
+        .api
+        .wait_terminal(&free, &single.to_string(), DEADLINE)
+        .await?;
+    assert_eq!(job["status"], "succeeded");
+    wait_succeeded(&env, 29).await?;
+    let started_after: i64 = sqlx::query_scalar(
+        "select count(*) from jobs j, jobs s
+         where s.id = $1 and j.id = any($2) and j.started_at > s.started_at",
+    )
+    .bind(single)
+    .bind(&backlog)
+    .fetch_one(&env.db)
+    .await?;
+    assert!(
+        started_after >= 8,
+        "the other key's job started after {} of the capped key's 16 queued jobs",
+        16 - started_after
+    );
+    let parked: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued'")
+        .fetch_one(&env.db)
+        .await?;
+    assert_eq!(parked, 0, "nothing is left waiting for a slot");
+    env.cleanup().await;
+    Ok(())
+}

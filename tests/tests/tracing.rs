@@ -169,3 +169,138 @@ async fn no_prompt_reply_or_key_reaches_any_log() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&file);
     Ok(())
 }
+
+/// Every span an OTLP/HTTP (JSON) exporter sent to a collector in this test.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    bodies: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Collector {
+    /// Serves `POST /v1/traces` on an ephemeral port; returns its base URL.
+    async fn start(&self) -> anyhow::Result<String> {
+        let me = self.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: String| async move {
+                if let Ok(export) = serde_json::from_str::<Value>(&body) {
+                    let mut spans = me.spans.lock().unwrap_or_else(|e| e.into_inner());
+                    for rs in export["resourceSpans"].as_array().into_iter().flatten() {
+                        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                            spans.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                        }
+                    }
+                }
+                me.bodies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&body);
+                ([("content-type", "application/json")], "{}")
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(url)
+    }
+
+    fn spans(&self) -> Vec<Value> {
+        self.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn text(&self) -> String {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The value of a span's string attribute.
+fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)?["value"]["stringValue"]
+        .as_str()
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_the_workers_span_is_exported_as_the_child_of_the_submits()
+-> anyhow::Result<()> {
+    let collector = Collector::default();
+    let endpoint = collector.start().await?;
+    let otel = env_of(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
+        workers: 1,
+        api_env: otel.clone(),
+        worker_env: otel,
+        ..Default::default()
+    })
+    .await?;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let marker = "OKAPI-91c2-SECRET";
+    let body = serde_json::to_vec(&json!({"content": format!("traced {marker}")}))?;
+    let r = env
+        .api
+        .raw(
+            reqwest::Method::POST,
+            "/v1/chat",
+            Some(&key),
+            Some(("application/json", body)),
+            &[("traceparent", &format!("00-{trace_id}-{client_span}-01"))],
+        )
+        .await?;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.str("id");
+    let done = env.api.wait_terminal(&key, &id, DEADLINE).await?;
+    assert_eq!(done["status"], "succeeded");
+
+    let job_span = |spans: &[Value]| {
+        spans
+            .iter()
+            .find(|s| s["name"] == "job" && attribute(s, "job_id") == Some(id.as_str()))
+            .cloned()
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let spans = loop {
+        let spans = collector.spans();
+        if job_span(&spans).is_some() {
+            break spans;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the worker's span for the job was never exported: {} spans",
+            spans.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let submit = spans
+        .iter()
+        .find(|s| s["name"] == "request" && s["traceId"] == trace_id)
+        .ok_or_else(|| anyhow::anyhow!("no request span in the client's trace: {spans:?}"))?;
+    assert_eq!(
+        submit["parentSpanId"], client_span,
+        "the submit's span is the child of the client's: {submit}"
+    );
+    let job = job_span(&spans).unwrap_or_default();
+    assert_eq!(job["traceId"], trace_id, "{job}");
+    assert_eq!(
+        job["parentSpanId"], submit["spanId"],
+        "the worker's span for the job is the child of the submit's: {job}"
+    );
+    let text = collector.text();
+    assert!(
+        !text.contains(marker),
+        "a prompt or reply reached an exported span"
+    );
+    assert!(!text.contains(&key), "the API key reached an exported span");
+    env.cleanup().await;
+    Ok(())
+}

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use chatq_common::db::CANCEL_CHANNEL;
 use chatq_common::db::llm_budget::{PAUSE_CHANNEL, RELEASE_CHANNEL};
+use chatq_common::db::{CANCEL_CHANNEL, KEY_SLOT_CHANNEL};
 
 use crate::budget::Budget;
 
@@ -30,6 +31,8 @@ type Running = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
 #[derive(Clone, Default)]
 pub struct CancelWatch {
     running: Running,
+    /// Woken when a key with `max_concurrency` frees a slot.
+    slots: Arc<Notify>,
 }
 
 /// Keeps a job registered while it lives.
@@ -44,13 +47,20 @@ impl CancelWatch {
     pub fn start(db: PgPool, budget: Arc<Budget>, stop: CancellationToken) -> Self {
         let watch = Self::default();
         let running = watch.running.clone();
+        let slots = watch.slots.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = listen(db, running, budget) => {}
+                () = listen(db, running, slots, budget) => {}
                 () = stop.cancelled() => {}
             }
         });
         watch
+    }
+
+    /// Resolves when a key with `max_concurrency` may have freed a slot
+    /// (one waiter per announcement).
+    pub async fn slot_freed(&self) {
+        self.slots.notified().await;
     }
 
     /// While the returned registration lives, a cancellation of `id`
@@ -75,8 +85,13 @@ fn lock(running: &Running) -> MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
     running.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn listen(db: PgPool, running: Running, budget: Arc<Budget>) {
-    let channels = [CANCEL_CHANNEL, RELEASE_CHANNEL, PAUSE_CHANNEL];
+async fn listen(db: PgPool, running: Running, slots: Arc<Notify>, budget: Arc<Budget>) {
+    let channels = [
+        CANCEL_CHANNEL,
+        KEY_SLOT_CHANNEL,
+        RELEASE_CHANNEL,
+        PAUSE_CHANNEL,
+    ];
     loop {
         match PgListener::connect_with(&db).await {
             Ok(mut listener) => match listener.listen_all(channels).await {
@@ -91,6 +106,10 @@ async fn listen(db: PgPool, running: Running, budget: Arc<Budget>) {
                                     tracing::info!(job_id = %id, "cancelled: stopping its LLM call");
                                     token.cancel();
                                 }
+                            }
+                            // One waiter per slot freed (the others keep waiting).
+                            Ok(Some(note)) if note.channel() == KEY_SLOT_CHANNEL => {
+                                slots.notify_one()
                             }
                             Ok(Some(note)) => budget.notified(note.channel(), note.payload()),
                             Ok(None) => break,

@@ -20,7 +20,10 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     chatq_common::telemetry::init();
-    if let Err(err) = try_main().await {
+    let result = try_main().await;
+    // The last spans, when traces are exported (a blocking flush).
+    let _ = tokio::task::spawn_blocking(chatq_common::telemetry::shutdown).await;
+    if let Err(err) = result {
         tracing::error!("{err:?}");
         std::process::exit(1);
     }

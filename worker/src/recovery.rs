@@ -101,6 +101,11 @@ async fn pass(
         let published = publish_all(publisher, &lapsed.requeued).await;
         jobs::mark_published_many(db, &published).await?;
     }
+    // Slots of capped keys that a finishing job's wake-up missed.
+    let unparked = jobs::unpark_free_slots(db).await?;
+    if unparked > 0 {
+        tracing::debug!(jobs = unparked, "unparked jobs of keys with free slots");
+    }
     loop {
         let mut tx = db.begin().await?;
         let ids = jobs::lock_unpublished(&mut *tx, settings.relay_grace, BATCH).await?;

@@ -23,6 +23,7 @@ use crate::llm::{ChatRequest, Completion, LlmClient};
 use crate::metrics::{JobOutcome, WorkerMetrics};
 use crate::store::JobStore;
 use crate::{WorkerConfig, prompt};
+use chatq_common::telemetry;
 
 /// Everything a job needs, shared by all of a process's jobs.
 pub struct JobContext {
@@ -109,13 +110,16 @@ pub async fn run_job(
     span.record("job_id", tracing::field::display(id));
     span.record("job.attempt", job.attempts);
     // The submitting request's trace (W3C `traceparent`: version, trace id,
-    // parent span, flags).
-    if let Some(trace_id) = job
-        .trace_parent
-        .as_deref()
-        .and_then(|t| t.split('-').nth(1))
+    // parent span, flags); with traces exported, this span becomes the
+    // child of the submit's.
+    if let Some(parent) = job.trace_parent.as_deref()
+        && let Some((trace_id, _, _)) = telemetry::parse_traceparent(parent)
     {
         span.record("trace_id", trace_id);
+        if !telemetry::continue_trace(&span, parent) && telemetry::span_traceparent(&span).is_some()
+        {
+            tracing::debug!("the job's span had started: it is not linked to the submit's trace");
+        }
     }
     // Registered right after the claim: a cancellation announced from here
     // on stops the call at once (one announced between the claim and here
@@ -338,6 +342,13 @@ async fn claim_next(
         }
         let Some(next) = with_db_retry("read retries", || jobs::next_not_before(&ctx.db)).await?
         else {
+            // Jobs waiting for their key's slot need messages when it frees.
+            if with_db_retry("read parked", || jobs::has_parked(&ctx.db)).await? {
+                if !wait_for_key_slot(ctx, abandon).await? {
+                    return Ok(Claimed::Not(Outcome::Released));
+                }
+                continue;
+            }
             tracing::debug!(hint = %hint, "nothing to start; duplicate message");
             return Ok(Claimed::Not(Outcome::Done));
         };
@@ -351,6 +362,32 @@ async fn claim_next(
         tokio::select! {
             () = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
             () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+        }
+    }
+}
+
+/// Longest wait of a message held for parked jobs before it looks at the
+/// queue again (new work arrives with its own message, which may sit behind
+/// held ones in a full prefetch buffer).
+const PARKED_RECHECK: Duration = Duration::from_secs(1);
+
+/// Holds a message while the only queued jobs are parked (their keys at
+/// `max_concurrency`): until a slot is announced or something became
+/// startable, checked at most every [`PARKED_RECHECK`] with one query.
+/// False if the message was abandoned (shutdown, drain).
+async fn wait_for_key_slot(ctx: &JobContext, abandon: &CancellationToken) -> sqlx::Result<bool> {
+    loop {
+        // Spread the rechecks of many held messages over time.
+        let recheck = PARKED_RECHECK.mul_f64(0.5 + fastrand::f64());
+        tokio::select! {
+            () = ctx.cancels.slot_freed() => return Ok(true),
+            () = tokio::time::sleep(recheck) => {}
+            () = abandon.cancelled() => return Ok(false),
+        }
+        if with_db_retry("read queue", || jobs::has_startable(&ctx.db)).await?
+            || !with_db_retry("read parked", || jobs::has_parked(&ctx.db)).await?
+        {
+            return Ok(true);
         }
     }
 }

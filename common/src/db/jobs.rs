@@ -189,7 +189,7 @@ pub async fn claim_many(
 pub async fn peek_next(db: impl PgExecutor<'_>) -> sqlx::Result<Option<(String, i32)>> {
     sqlx::query_as(
         "select model, cost from jobs
-         where status = 'queued' and (not_before is null or not_before <= now())
+         where status = 'queued' and not parked and (not_before is null or not_before <= now())
          order by lane, start_tag, id
          limit 1",
     )
@@ -218,7 +218,7 @@ pub async fn start_order_sample(
         "with ordered as (
              select lane = 1 as batch, start_tag, id,
                     row_number() over (order by lane, start_tag, id) as rank
-             from jobs where status = 'queued'
+             from jobs where status = 'queued' and not parked
          ), counts as (
              select (select count(*) from jobs where status = 'queued') as total,
                     (select last_value from chatq_jobs_started) as started
@@ -255,10 +255,29 @@ pub async fn start_order_sample(
 pub async fn has_startable(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "select exists (select 1 from jobs
-                        where status = 'queued' and (not_before is null or not_before <= now()))",
+                        where status = 'queued' and not parked
+                          and (not_before is null or not_before <= now()))",
     )
     .fetch_one(db)
     .await
+}
+
+/// Whether queued jobs wait for a slot of their key (its `max_concurrency`
+/// reached): they start when a job of that key stops running, announced
+/// on [`super::KEY_SLOT_CHANNEL`], so a message must wait for them, not drop.
+pub async fn has_parked(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
+    sqlx::query_scalar("select exists (select 1 from jobs where status = 'queued' and parked)")
+        .fetch_one(db)
+        .await
+}
+
+/// Lets parked jobs of keys with free slots start (the backstop of the
+/// wake-up a finishing job gives, which a concurrent claim can miss); how
+/// many.
+pub async fn unpark_free_slots(db: impl PgExecutor<'_>) -> sqlx::Result<i32> {
+    sqlx::query_scalar("select chatq_unpark_free_slots()")
+        .fetch_one(db)
+        .await
 }
 
 /// When the first queued retry that is still waiting out its delay may
@@ -668,11 +687,13 @@ pub async fn defer(
 }
 
 /// Queued jobs whose message was published more than `after` ago (see the
-/// worker's republish rule).
+/// worker's republish rule). Parked jobs are left out: their messages may
+/// be held, unacked, by workers waiting for their key's slot.
 pub async fn count_published_before(db: impl PgExecutor<'_>, after: Duration) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "select count(*) from jobs
-         where status = 'queued' and published_at < now() - make_interval(secs => $1)",
+         where status = 'queued' and not parked
+           and published_at < now() - make_interval(secs => $1)",
     )
     .bind(after.as_secs_f64())
     .fetch_one(db)
@@ -688,7 +709,8 @@ pub async fn lock_published_before(
 ) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(
         "select id from jobs
-         where status = 'queued' and published_at < now() - make_interval(secs => $1)
+         where status = 'queued' and not parked
+           and published_at < now() - make_interval(secs => $1)
          order by published_at
          for update skip locked limit $2",
     )

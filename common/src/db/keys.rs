@@ -16,6 +16,8 @@ pub struct ActiveKey {
     pub tenant_id: Uuid,
     /// Submissions allowed per minute, if limited.
     pub rate_limit_per_minute: Option<i32>,
+    /// Jobs of this key running at once, if limited.
+    pub max_concurrency: Option<i32>,
 }
 
 /// Returns the id of the tenant called `name`, creating it if needed.
@@ -68,7 +70,7 @@ pub async fn find_active(
     key_hash: &[u8],
 ) -> sqlx::Result<Option<ActiveKey>> {
     sqlx::query_as(
-        "select id, tenant_id, rate_limit_per_minute from api_keys
+        "select id, tenant_id, rate_limit_per_minute, max_concurrency from api_keys
          where key_hash = $1 and revoked_at is null",
     )
     .bind(key_hash)

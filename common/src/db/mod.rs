@@ -47,6 +47,10 @@ pub const JOB_CHANNEL: &str = "chatq_job";
 /// or by deleting their conversation) are announced to the workers, so a
 /// running call stops at once.
 pub const CANCEL_CHANNEL: &str = "chatq_cancel";
+/// The LISTEN/NOTIFY channel on which a key with `max_concurrency` freeing
+/// a slot is announced (migration `key_concurrency`), so workers holding
+/// messages for parked jobs claim again at once.
+pub const KEY_SLOT_CHANNEL: &str = "chatq_key_slot";
 /// Longest abandoned partial reply kept in a job's attempt history, in
 /// characters.
 pub const MAX_PARTIAL_CHARS: i32 = 10_000;

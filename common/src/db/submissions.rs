@@ -32,9 +32,9 @@ pub async fn submit_one(
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
                                idempotency_key, request_hash, priority, sampling, cost,
-                               trace_parent)
+                               trace_parent, key_id, key_cap)
              select $1, $2, conv.id, coalesce(nullif($4, ''), conv.model), $5, $6, $7, $8,
-                    $15, $16, chatq_estimate_tokens(length($10), $5), $17
+                    $15, $16, chatq_estimate_tokens(length($10), $5), $17, $18, $19
              from conv
              returning *
          ), msg as (
@@ -60,6 +60,8 @@ pub async fn submit_one(
     .bind(turn.priority)
     .bind(&turn.sampling)
     .bind(&turn.trace_parent)
+    .bind(turn.key.map(|(id, _)| id))
+    .bind(turn.key.and_then(|(_, cap)| cap))
     .fetch_optional(db)
     .await
 }
@@ -129,6 +131,8 @@ pub struct NewTurn {
     pub sampling: Option<serde_json::Value>,
     /// W3C `traceparent` of the submitting request.
     pub trace_parent: Option<String>,
+    /// The API key it was submitted with, and that key's `max_concurrency`.
+    pub key: Option<(Uuid, Option<i32>)>,
 }
 
 /// Stores many turns with one statement (one round trip, one commit) and
@@ -153,6 +157,8 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     let mut priorities = Vec::with_capacity(n);
     let mut samplings = Vec::with_capacity(n);
     let mut trace_parents = Vec::with_capacity(n);
+    let mut key_ids = Vec::with_capacity(n);
+    let mut key_caps = Vec::with_capacity(n);
     for t in turns {
         job_ids.push(t.job_id);
         tenant_ids.push(t.tenant_id);
@@ -170,16 +176,18 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
         priorities.push(t.priority);
         samplings.push(t.sampling.clone());
         trace_parents.push(t.trace_parent.as_deref());
+        key_ids.push(t.key.map(|(id, _)| id));
+        key_caps.push(t.key.and_then(|(_, cap)| cap));
     }
     sqlx::query_as(
         "with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bool[], $5::text[],
                                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::float8[],
                                   $11::uuid[], $12::text[], $13::text[], $14::jsonb[],
-                                  $15::text[])
+                                  $15::text[], $16::uuid[], $17::int4[])
                  as t(job_id, tenant_id, conversation_id, is_new, system_prompt,
                       conversation_model, metadata, model, max_tokens, temperature,
-                      message_id, content, priority, sampling, trace_parent)
+                      message_id, content, priority, sampling, trace_parent, key_id, key_cap)
          ), new_conv as (
              insert into conversations (id, tenant_id, system_prompt, model, metadata)
              select conversation_id, tenant_id, system_prompt, conversation_model, metadata
@@ -193,11 +201,11 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
                    (select tenant_id, conversation_id from input where not is_new)
          ), job as (
              insert into jobs (id, tenant_id, conversation_id, model, max_tokens, temperature,
-                               priority, sampling, cost, trace_parent)
+                               priority, sampling, cost, trace_parent, key_id, key_cap)
              select i.job_id, i.tenant_id, i.conversation_id,
                     coalesce(nullif(i.model, ''), conv.model), i.max_tokens, i.temperature,
                     i.priority, i.sampling, chatq_estimate_tokens(length(i.content), i.max_tokens),
-                    i.trace_parent
+                    i.trace_parent, i.key_id, i.key_cap
              from input i
              join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
              on conflict do nothing
@@ -224,6 +232,8 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
     .bind(priorities)
     .bind(samplings)
     .bind(trace_parents)
+    .bind(key_ids)
+    .bind(key_caps)
     .fetch_all(db)
     .await
 }
