@@ -47,6 +47,10 @@ struct Snapshot {
     started: i64,
     /// Jobs started per second.
     rate: f64,
+    /// When the current run of starts began (after an idle spell), and the
+    /// started counter then: for the first [`RATE_HORIZON`] the rate is
+    /// the average since then, not one refresh's worth of starts.
+    since: (Instant, i64),
     /// How long reading the snapshot took (refreshes are spaced by a
     /// multiple of it, so a huge queue is read less often).
     cost: Duration,
@@ -107,17 +111,10 @@ impl Positions {
             }
         };
         let previous = lock(&self.current).clone();
-        let rate = previous.as_ref().map_or(MIN_RATE, |p| {
-            let dt = p.at.elapsed().as_secs_f64().max(0.001);
-            let sample = (started - p.started).max(0) as f64 / dt;
-            // Exponential average with a time constant, whatever the spacing.
-            let w = 1.0 - (-dt / RATE_HORIZON.as_secs_f64()).exp();
-            if p.rate <= MIN_RATE {
-                sample
-            } else {
-                p.rate + w * (sample - p.rate)
-            }
-        });
+        let (rate, since) = match previous.as_ref() {
+            None => (MIN_RATE, (Instant::now(), started)),
+            Some(p) => p.next_rate(started),
+        };
         let mut head = Vec::new();
         let mut tail = Vec::new();
         for (key, rank) in keys {
@@ -135,6 +132,7 @@ impl Positions {
             total,
             started,
             rate: rate.max(MIN_RATE),
+            since,
             cost: started_at.elapsed(),
         });
         *lock(&self.current) = Some(Arc::clone(&snapshot));
@@ -143,6 +141,25 @@ impl Positions {
 }
 
 impl Snapshot {
+    /// The start rate, and when the current run of starts began, given the
+    /// `started` counter read now (this snapshot is the previous reading).
+    fn next_rate(&self, started: i64) -> (f64, (Instant, i64)) {
+        let dt = self.at.elapsed().as_secs_f64().max(0.001);
+        let sample = (started - self.started).max(0) as f64 / dt;
+        if self.rate <= MIN_RATE {
+            // Idle until the last reading: a run of starts may begin here.
+            return (sample, (self.at, self.started));
+        }
+        let run = self.since.0.elapsed().as_secs_f64().max(0.001);
+        if run < RATE_HORIZON.as_secs_f64() {
+            // Young run: everything since it began, not the last 200 ms.
+            return ((started - self.since.1).max(0) as f64 / run, self.since);
+        }
+        // Exponential average with a time constant, whatever the spacing.
+        let w = 1.0 - (-dt / RATE_HORIZON.as_secs_f64()).exp();
+        (self.rate + w * (sample - self.rate), self.since)
+    }
+
     /// Queued jobs that start before `key`.
     fn ahead(&self, key: &StartKey) -> i64 {
         let before = |k: &StartKey| k.cmp_order(key).is_lt();
@@ -196,8 +213,15 @@ mod tests {
             total,
             started: 0,
             rate: 2.0,
+            since: (Instant::now(), 0),
             cost: Duration::ZERO,
         }
+    }
+
+    fn ago(secs: f64) -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs_f64(secs))
+            .unwrap_or_else(Instant::now)
     }
 
     #[test]
@@ -226,6 +250,27 @@ mod tests {
             "{between}"
         );
         assert!(s.ahead(&key(false, 9000.0)) <= HEAD + 2 * SAMPLE + 10);
+    }
+
+    #[test]
+    fn a_young_run_of_starts_is_averaged_from_its_beginning() {
+        // Idle until 200 ms ago; one start since: the run begins there.
+        let mut s = snapshot(Vec::new(), Vec::new(), 0);
+        (s.at, s.rate, s.started) = (ago(0.2), MIN_RATE, 0);
+        let (rate, since) = s.next_rate(1);
+        assert!(rate > 4.0, "{rate}");
+        assert_eq!(since.1, 0);
+        // 10 s into the run, 20 started: 2 per second, whatever the last
+        // refresh saw (1 start in 200 ms).
+        let mut s = snapshot(Vec::new(), Vec::new(), 0);
+        (s.at, s.rate, s.started, s.since) = (ago(0.2), 5.0, 19, (ago(10.0), 0));
+        let (rate, _) = s.next_rate(20);
+        assert!((1.9..=2.1).contains(&rate), "{rate}");
+        // An old run: a moving average, barely moved by one refresh that
+        // saw 5 per second.
+        (s.since, s.rate) = ((ago(120.0), 0), 1.0);
+        let (rate, _) = s.next_rate(20);
+        assert!(rate > 1.0 && rate < 1.1, "{rate}");
     }
 
     #[test]
