@@ -113,7 +113,13 @@ pub async fn chat_completions(
         sampling: (!request.sampling.is_empty()).then(|| Value::Object(request.sampling.clone())),
         trace_parent: Some(trace.traceparent()),
     };
-    let target = Target::NewWithHistory(conversation, std::mem::take(&mut request.history));
+    // A single turn (the common SDK call) is stored like any submission,
+    // batched with concurrent ones; earlier turns need a transaction.
+    let target = if request.history.is_empty() {
+        Target::New(conversation)
+    } else {
+        Target::NewWithHistory(conversation, std::mem::take(&mut request.history))
+    };
     let job = submission::submit(&state, &tenant, target, turn, idempotency.as_ref()).await?;
     // From here on, a client that leaves cancels the job.
     let guard = CancelOnDrop::new(&state, tenant, job.id);
