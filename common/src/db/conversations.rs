@@ -7,16 +7,17 @@ use crate::domain::Conversation;
 
 /// Stores a new conversation.
 pub async fn insert(db: impl PgExecutor<'_>, c: &Conversation) -> sqlx::Result<Conversation> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Conversation,
         "insert into conversations (id, tenant_id, system_prompt, model, metadata)
          values ($1, $2, $3, $4, $5)
          returning id, tenant_id, system_prompt, model, metadata, created_at",
+        c.id,
+        c.tenant_id,
+        c.system_prompt,
+        c.model,
+        c.metadata,
     )
-    .bind(c.id)
-    .bind(c.tenant_id)
-    .bind(&c.system_prompt)
-    .bind(&c.model)
-    .bind(&c.metadata)
     .fetch_one(db)
     .await
 }
@@ -27,12 +28,13 @@ pub async fn get(
     tenant_id: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Conversation>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Conversation,
         "select id, tenant_id, system_prompt, model, metadata, created_at
          from conversations where tenant_id = $1 and id = $2",
+        tenant_id,
+        id,
     )
-    .bind(tenant_id)
-    .bind(id)
     .fetch_optional(db)
     .await
 }
@@ -48,8 +50,8 @@ pub async fn list(
     limit: i64,
     max_bytes: i64,
 ) -> sqlx::Result<super::Cut<Conversation>> {
-    let rows: Vec<super::CutRow<Conversation>> = sqlx::query_as(
-        "with page as (
+    let rows = sqlx::query!(
+        r#"with page as (
              select id, tenant_id, system_prompt, model, metadata, created_at,
                     octet_length(coalesce(system_prompt, '')) + octet_length(metadata::text)
                         + octet_length(model) as bytes
@@ -60,37 +62,50 @@ pub async fn list(
              select *, sum(bytes) over (order by id desc) - bytes as bytes_before from page
          )
          select id, tenant_id, system_prompt, model, metadata, created_at,
-                (select count(*) from page) as fetched
-         from sized where bytes_before < $4 order by id desc",
+                (select count(*) from page) as "fetched!"
+         from sized where bytes_before < $4 order by id desc"#,
+        tenant_id,
+        after,
+        limit,
+        max_bytes,
     )
-    .bind(tenant_id)
-    .bind(after)
-    .bind(limit)
-    .bind(max_bytes)
     .fetch_all(db)
     .await?;
-    Ok(super::Cut::from_rows(rows))
+    Ok(super::Cut::from_rows(rows.into_iter().map(|r| {
+        let c = Conversation {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            system_prompt: r.system_prompt,
+            model: r.model,
+            metadata: r.metadata,
+            created_at: r.created_at,
+        };
+        (c, r.fetched)
+    })))
 }
 
 /// Deletes the conversation with its messages and jobs (cascade), first
-/// announcing its active jobs so waiting clients re-read them. False if the
+/// announcing its active jobs (on [`super::JOB_CHANNEL`] and
+/// [`super::CANCEL_CHANNEL`]) so waiting clients re-read them. False if the
 /// tenant has no such conversation.
 pub async fn delete(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
-        "with gone as (
+    // `a` is selected so that the `announced` CTE runs.
+    let done = sqlx::query!(
+        r#"with gone as (
              delete from conversations where tenant_id = $1 and id = $2 returning id
          ), announced as (
-             select pg_notify('chatq_job', j.id::text), pg_notify('chatq_cancel', j.id::text)
+             select pg_notify($3, j.id::text), pg_notify($4, j.id::text)
              from jobs j
              where j.conversation_id in (select id from gone)
                and j.status in ('queued', 'running')
          )
-         select (select count(*) from gone) as n, (select count(*) from announced) as a",
+         select (select count(*) from gone) as "n!", (select count(*) from announced) as "a!""#,
+        tenant_id,
+        id,
+        super::JOB_CHANNEL,
+        super::CANCEL_CHANNEL,
     )
-    .bind(tenant_id)
-    .bind(id)
     .fetch_one(db)
     .await?;
-    use sqlx::Row;
-    Ok(done.try_get::<i64, _>("n")? == 1)
+    Ok(done.n == 1)
 }

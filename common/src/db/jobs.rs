@@ -8,24 +8,44 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::domain::{Job, StartKey};
+use crate::domain::{Job, JobStatus, Priority, StartKey};
 
 /// The tenant's job with this id.
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as("select * from jobs where tenant_id = $1 and id = $2")
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        Job,
+        r#"select id, tenant_id, conversation_id, status as "status: JobStatus", model,
+                max_tokens, temperature, attempts, claim_token, result_message_id,
+                result_content, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, attempt_errors, created_at, started_at,
+                finished_at, partial_content, partial_attempt, sampling,
+                priority as "priority: Priority", cost, start_tag, not_before,
+                trace_parent
+           from jobs where tenant_id = $1 and id = $2"#,
+        tenant_id,
+        id,
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// The job with this id, whoever owns it (for the worker, which only knows
 /// the id from the queue message).
 pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as("select * from jobs where id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        Job,
+        r#"select id, tenant_id, conversation_id, status as "status: JobStatus", model,
+                max_tokens, temperature, attempts, claim_token, result_message_id,
+                result_content, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, attempt_errors, created_at, started_at,
+                finished_at, partial_content, partial_attempt, sampling,
+                priority as "priority: Priority", cost, start_tag, not_before,
+                trace_parent
+           from jobs where id = $1"#,
+        id,
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// The tenant's job submitted with this idempotency key, with the hash of
@@ -35,27 +55,63 @@ pub async fn find_by_idempotency_key(
     tenant_id: Uuid,
     key: &str,
 ) -> sqlx::Result<Option<(Job, Option<Vec<u8>>)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        job: Job,
-        request_hash: Option<Vec<u8>>,
-    }
-    let row: Option<Row> =
-        sqlx::query_as("select * from jobs where tenant_id = $1 and idempotency_key = $2")
-            .bind(tenant_id)
-            .bind(key)
-            .fetch_optional(db)
-            .await?;
-    Ok(row.map(|r| (r.job, r.request_hash)))
+    let row = sqlx::query!(
+        r#"select id, tenant_id, conversation_id, status as "status: JobStatus", model,
+                max_tokens, temperature, attempts, claim_token, result_message_id,
+                result_content, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, attempt_errors, created_at, started_at,
+                finished_at, partial_content, partial_attempt, sampling,
+                priority as "priority: Priority", cost, start_tag, not_before,
+                trace_parent, request_hash
+           from jobs where tenant_id = $1 and idempotency_key = $2"#,
+        tenant_id,
+        key,
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|r| {
+        let job = Job {
+            id: r.id,
+            tenant_id: r.tenant_id,
+            conversation_id: r.conversation_id,
+            status: r.status,
+            model: r.model,
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            attempts: r.attempts,
+            claim_token: r.claim_token,
+            result_message_id: r.result_message_id,
+            result_content: r.result_content,
+            finish_reason: r.finish_reason,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            error_code: r.error_code,
+            error_message: r.error_message,
+            attempt_errors: r.attempt_errors,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            partial_content: r.partial_content,
+            partial_attempt: r.partial_attempt,
+            sampling: r.sampling,
+            priority: r.priority,
+            cost: r.cost,
+            start_tag: r.start_tag,
+            not_before: r.not_before,
+            trace_parent: r.trace_parent,
+        };
+        (job, r.request_hash)
+    }))
 }
 
 /// Records that the broker confirmed a publish of the job.
 pub async fn mark_published(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("update jobs set published_at = now() where id = $1 and published_at is null")
-        .bind(id)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "update jobs set published_at = now() where id = $1 and published_at is null",
+        id
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -66,11 +122,11 @@ pub async fn mark_published_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx:
     }
     // Only queued jobs: a claimed job is out of the relay's sight already, so
     // recording its publish would be a write for nothing.
-    sqlx::query(
+    sqlx::query!(
         "update jobs set published_at = now()
          where id = any($1) and status = 'queued' and published_at is null",
+        ids,
     )
-    .bind(ids)
     .execute(db)
     .await?;
     Ok(())
@@ -80,8 +136,8 @@ pub async fn mark_published_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx:
 /// message, as if it had never been submitted. Only an unpublished queued
 /// job can be withdrawn; false if it was not.
 pub async fn withdraw(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
-    let gone: i64 = sqlx::query_scalar(
-        "with gone as (
+    let gone: i64 = sqlx::query_scalar!(
+        r#"with gone as (
              delete from jobs where id = $1 and status = 'queued' and published_at is null
              returning id, conversation_id
          ), messages_gone as (
@@ -91,9 +147,9 @@ pub async fn withdraw(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
                and m.role = 'user'
              returning m.id
          )
-         select count(*) from gone",
+         select count(*) as "count!" from gone"#,
+        id,
     )
-    .bind(id)
     .fetch_one(db)
     .await?;
     Ok(gone == 1)
@@ -106,16 +162,31 @@ pub async fn cancel(
     tenant_id: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "update jobs set status = 'cancelled', finished_at = now(), updated_at = now(),
-                         claim_token = null, lease_expires_at = null,
-                         partial_content = null, partial_attempt = null
-         where tenant_id = $1 and id = $2 and status in ('queued', 'running')
-         returning *, pg_notify('chatq_job', id::text)::text as notified,
-                   pg_notify('chatq_cancel', id::text)::text as cancelled",
+    // The notifications are columns of the update's RETURNING (evaluated
+    // once per cancelled row); the outer select keeps the job's columns.
+    sqlx::query_as!(
+        Job,
+        r#"with done as (
+             update jobs set status = 'cancelled', finished_at = now(), updated_at = now(),
+                             claim_token = null, lease_expires_at = null,
+                             partial_content = null, partial_attempt = null
+             where tenant_id = $1 and id = $2 and status in ('queued', 'running')
+             returning *, pg_notify($3, id::text)::text as notified,
+                       pg_notify($4, id::text)::text as cancelled
+         )
+         select id, tenant_id, conversation_id, status as "status: JobStatus", model,
+                max_tokens, temperature, attempts, claim_token, result_message_id,
+                result_content, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, attempt_errors, created_at, started_at,
+                finished_at, partial_content, partial_attempt, sampling,
+                priority as "priority: Priority", cost, start_tag, not_before,
+                trace_parent
+         from done"#,
+        tenant_id,
+        id,
+        super::JOB_CHANNEL,
+        super::CANCEL_CHANNEL,
     )
-    .bind(tenant_id)
-    .bind(id)
     .fetch_optional(db)
     .await
 }
@@ -153,8 +224,9 @@ pub async fn claim_many(
     lease: Duration,
 ) -> sqlx::Result<Vec<Job>> {
     let (hints, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
-    sqlx::query_as(
-        "with takers as (
+    sqlx::query_as!(
+        Job,
+        r#"with takers as (
              select h.token, row_number() over (order by h.n) as ord
              from unnest($1::uuid[], $2::uuid[]) with ordinality as h(hint, token, n)
              where exists (select 1 from jobs k where k.id = h.hint)
@@ -165,20 +237,31 @@ pub async fn claim_many(
                  (select count(*) from takers
                    where not exists (select 1 from queue_controls where paused))::integer,
                  nextval('chatq_lane_turn') % 10 = 0, $4) as p
+         ), claimed as (
+             update jobs j set status = 'running', attempts = j.attempts + 1,
+                               claim_token = t.token,
+                               lease_expires_at = now() + make_interval(secs => $3),
+                               started_at = coalesce(j.started_at, now()), updated_at = now(),
+                               not_before = null
+             from picked p join takers t on t.ord = p.ord
+             where j.id = p.id and j.status = 'queued'
+             returning j.*, pg_notify($5, j.id::text)::text as notified,
+                       nextval('chatq_jobs_started') as started_seq
          )
-         update jobs j set status = 'running', attempts = j.attempts + 1, claim_token = t.token,
-                           lease_expires_at = now() + make_interval(secs => $3),
-                           started_at = coalesce(j.started_at, now()), updated_at = now(),
-                           not_before = null
-         from picked p join takers t on t.ord = p.ord
-         where j.id = p.id and j.status = 'queued'
-         returning j.*, pg_notify('chatq_job', j.id::text)::text as notified,
-                   nextval('chatq_jobs_started') as started_seq",
+         select id, tenant_id, conversation_id, status as "status: JobStatus", model,
+                max_tokens, temperature, attempts, claim_token, result_message_id,
+                result_content, finish_reason, prompt_tokens, completion_tokens,
+                error_code, error_message, attempt_errors, created_at, started_at,
+                finished_at, partial_content, partial_attempt, sampling,
+                priority as "priority: Priority", cost, start_tag, not_before,
+                trace_parent
+         from claimed"#,
+        &hints,
+        &tokens,
+        lease.as_secs_f64(),
+        model,
+        super::JOB_CHANNEL,
     )
-    .bind(hints)
-    .bind(tokens)
-    .bind(lease.as_secs_f64())
-    .bind(model)
     .fetch_all(db)
     .await
 }
@@ -187,14 +270,15 @@ pub async fn claim_many(
 /// model and estimated tokens (what to reserve from the LLM budget before
 /// claiming). `None` if nothing is startable.
 pub async fn peek_next(db: impl PgExecutor<'_>) -> sqlx::Result<Option<(String, i32)>> {
-    sqlx::query_as(
+    let next = sqlx::query!(
         "select model, cost from jobs
          where status = 'queued' and not parked and (not_before is null or not_before <= now())
          order by lane, start_tag, id
          limit 1",
     )
     .fetch_optional(db)
-    .await
+    .await?;
+    Ok(next.map(|r| (r.model, r.cost)))
 }
 
 /// The start order of the queue as one reading: the first `head` keys
@@ -206,16 +290,9 @@ pub async fn start_order_sample(
     head: i64,
     sample: i64,
 ) -> sqlx::Result<(Vec<(StartKey, i64)>, i64, i64)> {
-    type Row = (
-        Option<bool>,
-        Option<f64>,
-        Option<Uuid>,
-        Option<i64>,
-        i64,
-        i64,
-    );
-    let rows: Vec<Row> = sqlx::query_as(
-        "with ordered as (
+    // `o` is the null side of the left join; the counts are always there.
+    let rows = sqlx::query!(
+        r#"with ordered as (
              select lane = 1 as batch, start_tag, id,
                     row_number() over (order by lane, start_tag, id) as rank
              from jobs where status = 'queued' and not parked
@@ -223,26 +300,27 @@ pub async fn start_order_sample(
              select (select count(*) from jobs where status = 'queued') as total,
                     (select last_value from chatq_jobs_started) as started
          )
-         select o.batch, o.start_tag, o.id, o.rank, c.total, c.started
+         select o.batch as "batch?", o.start_tag as "start_tag?", o.id as "id?",
+                o.rank as "rank?", c.total as "total!", c.started as "started!"
          from counts c left join ordered o on o.rank <= $1 or o.rank % $2 = 0
-         order by o.rank",
+         order by o.rank"#,
+        head,
+        sample.max(1),
     )
-    .bind(head)
-    .bind(sample.max(1))
     .fetch_all(db)
     .await?;
-    let (total, started) = rows.first().map_or((0, 0), |r| (r.4, r.5));
+    let (total, started) = rows.first().map_or((0, 0), |r| (r.total, r.started));
     // An empty queue is one row of counts with no key.
     let keys = rows
         .into_iter()
-        .filter_map(|(batch, tag, id, rank, _, _)| {
+        .filter_map(|r| {
             Some((
                 StartKey {
-                    batch: batch?,
-                    tag: tag?,
-                    id: id?,
+                    batch: r.batch?,
+                    tag: r.start_tag?,
+                    id: r.id?,
                 },
-                rank?,
+                r.rank?,
             ))
         })
         .collect();
@@ -253,10 +331,10 @@ pub async fn start_order_sample(
 /// found nothing while this holds skipped rows another transaction had
 /// locked, and must try again rather than drop its message.
 pub async fn has_startable(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "select exists (select 1 from jobs
-                        where status = 'queued' and not parked
-                          and (not_before is null or not_before <= now()))",
+    sqlx::query_scalar!(
+        r#"select exists (select 1 from jobs
+                          where status = 'queued' and not parked
+                            and (not_before is null or not_before <= now())) as "exists!""#,
     )
     .fetch_one(db)
     .await
@@ -266,16 +344,19 @@ pub async fn has_startable(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
 /// reached): they start when a job of that key stops running, announced
 /// on [`super::KEY_SLOT_CHANNEL`], so a message must wait for them, not drop.
 pub async fn has_parked(db: impl PgExecutor<'_>) -> sqlx::Result<bool> {
-    sqlx::query_scalar("select exists (select 1 from jobs where status = 'queued' and parked)")
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"select exists (select 1 from jobs where status = 'queued' and parked) as "exists!""#
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Lets parked jobs of keys with free slots start (the backstop of the
 /// wake-up a finishing job gives, which a concurrent claim can miss); how
 /// many.
 pub async fn unpark_free_slots(db: impl PgExecutor<'_>) -> sqlx::Result<i32> {
-    sqlx::query_scalar("select chatq_unpark_free_slots()")
+    // The function always returns a count.
+    sqlx::query_scalar!(r#"select chatq_unpark_free_slots() as "unparked!""#)
         .fetch_one(db)
         .await
 }
@@ -283,8 +364,9 @@ pub async fn unpark_free_slots(db: impl PgExecutor<'_>) -> sqlx::Result<i32> {
 /// When the first queued retry that is still waiting out its delay may
 /// start, if any.
 pub async fn next_not_before(db: impl PgExecutor<'_>) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar(
-        "select min(not_before) from jobs where status = 'queued' and not_before > now()",
+    sqlx::query_scalar!(
+        r#"select min(not_before) as "min?" from jobs
+           where status = 'queued' and not_before > now()"#,
     )
     .fetch_one(db)
     .await
@@ -298,13 +380,13 @@ pub async fn heartbeat(
     token: Uuid,
     lease: Duration,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set lease_expires_at = now() + make_interval(secs => $3)
          where id = $1 and claim_token = $2 and status = 'running'",
+        id,
+        token,
+        lease.as_secs_f64(),
     )
-    .bind(id)
-    .bind(token)
-    .bind(lease.as_secs_f64())
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -361,8 +443,8 @@ pub async fn succeed_many(
         prompt_tokens.push(r.prompt_tokens);
         completion_tokens.push(r.completion_tokens);
     }
-    sqlx::query_as(
-        "with input as (
+    let written = sqlx::query!(
+        r#"with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
                                   $6::int4[], $7::int4[])
                  as t(id, token, message_id, content, finish_reason, prompt_tokens,
@@ -377,22 +459,24 @@ pub async fn succeed_many(
              from input i
              where j.id = i.id and j.claim_token = i.token and j.status = 'running'
              returning j.id, i.token, j.tenant_id, j.conversation_id, i.message_id, i.content,
-                       pg_notify('chatq_job', j.id::text)::text as notified
+                       pg_notify($8, j.id::text)::text as notified
          ), reply as (
              insert into messages (id, tenant_id, conversation_id, role, content, job_id)
              select message_id, tenant_id, conversation_id, 'assistant', content, id from done
          )
-         select id, token from done",
+         select id as "id!", token as "token!" from done"#,
+        &ids,
+        &tokens,
+        &message_ids,
+        &contents as &[&str],
+        &finish_reasons as &[&str],
+        &prompt_tokens as &[Option<i32>],
+        &completion_tokens as &[Option<i32>],
+        super::JOB_CHANNEL,
     )
-    .bind(ids)
-    .bind(tokens)
-    .bind(message_ids)
-    .bind(contents)
-    .bind(finish_reasons)
-    .bind(prompt_tokens)
-    .bind(completion_tokens)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(written.into_iter().map(|r| (r.id, r.token)).collect())
 }
 
 /// How an attempt that produced no result ended, for the job's attempt
@@ -415,7 +499,9 @@ pub async fn fail(
     token: Uuid,
     ended: &AttemptEnd<'_>,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    // With output columns `query!` gives a `Map`, which has no `execute`:
+    // the executor runs it, for the rows affected.
+    let query = sqlx::query!(
         "update jobs set status = 'failed', finished_at = now(), updated_at = now(),
                          error_code = $3, error_message = $4,
                          attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
@@ -424,16 +510,16 @@ pub async fn fail(
                          claim_token = null, lease_expires_at = null,
                          partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(ended.code)
-    .bind(ended.message)
-    .bind(ended.partial)
-    .bind(super::MAX_PARTIAL_CHARS)
-    .execute(db)
-    .await?;
+         returning pg_notify($7, id::text)::text",
+        id,
+        token,
+        ended.code,
+        ended.message,
+        ended.partial,
+        super::MAX_PARTIAL_CHARS,
+        super::JOB_CHANNEL,
+    );
+    let done = db.execute(query).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -460,8 +546,8 @@ pub async fn requeue_expired(
     limit: i64,
     max_attempts: i32,
 ) -> sqlx::Result<Lapsed> {
-    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
-        "with lapsed as (
+    let rows = sqlx::query!(
+        r#"with lapsed as (
              select id from jobs
              where status = 'running' and lease_expires_at < now()
              order by lease_expires_at
@@ -479,22 +565,23 @@ pub async fn requeue_expired(
              claim_token = null, lease_expires_at = null, published_at = null, updated_at = now()
          from lapsed
          where j.id = lapsed.id
-         returning j.id, j.status = 'failed', pg_notify('chatq_job', j.id::text)::text",
+         returning j.id, j.status = 'failed' as "failed!",
+                   pg_notify($6, j.id::text)::text as notified"#,
+        limit,
+        max_attempts,
+        WORKER_LOST,
+        "the attempt's worker stopped answering before it finished",
+        super::MAX_PARTIAL_CHARS,
+        super::JOB_CHANNEL,
     )
-    .bind(limit)
-    .bind(max_attempts)
-    .bind(WORKER_LOST)
-    .bind("the attempt's worker stopped answering before it finished")
-    .bind(super::MAX_PARTIAL_CHARS)
     .fetch_all(db)
-    .await
-    .map(|rows: Vec<(Uuid, bool, String)>| rows.into_iter().map(|(id, f, _)| (id, f)).collect())?;
+    .await?;
     let mut lapsed = Lapsed::default();
-    for (id, failed) in rows {
-        if failed {
-            lapsed.failed.push(id);
+    for r in rows {
+        if r.failed {
+            lapsed.failed.push(r.id);
         } else {
-            lapsed.requeued.push(id);
+            lapsed.requeued.push(r.id);
         }
     }
     Ok(lapsed)
@@ -509,15 +596,15 @@ pub async fn lock_unpublished(
     grace: Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select id from jobs
          where status = 'queued' and published_at is null
            and updated_at < now() - make_interval(secs => $1)
          order by created_at
          for update skip locked limit $2",
+        grace.as_secs_f64(),
+        limit,
     )
-    .bind(grace.as_secs_f64())
-    .bind(limit)
     .fetch_all(db)
     .await
 }
@@ -529,16 +616,16 @@ pub async fn delete_finished_before(
     age: Duration,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "delete from jobs where id in (
              select id from jobs
              where status in ('succeeded', 'failed', 'cancelled')
                and created_at < now() - make_interval(secs => $1)
                and finished_at < now() - make_interval(secs => $1)
              limit $2)",
+        age.as_secs_f64(),
+        limit,
     )
-    .bind(age.as_secs_f64())
-    .bind(limit)
     .execute(db)
     .await?;
     Ok(done.rows_affected())
@@ -555,21 +642,22 @@ pub struct JobStats {
 
 /// Counts jobs by status across all tenants.
 pub async fn stats(db: impl PgExecutor<'_> + Copy) -> sqlx::Result<JobStats> {
-    let by_status: Vec<(String, i64)> = sqlx::query_as(
-        "select s.status, count(j.id)
-         from unnest(array['queued', 'running', 'succeeded', 'failed', 'cancelled']) as s(status)
-         left join jobs j on j.status = s.status
-         group by s.status order by s.status",
+    let by_status = sqlx::query!(
+        r#"select s.status as "status!", count(j.id) as "count!"
+           from unnest(array['queued', 'running', 'succeeded', 'failed', 'cancelled']) as s(status)
+           left join jobs j on j.status = s.status
+           group by s.status order by s.status"#
     )
     .fetch_all(db)
     .await?;
-    let oldest_queued_age_secs: Option<f64> = sqlx::query_scalar(
-        "select extract(epoch from now() - min(created_at))::float8 from jobs where status = 'queued'",
+    let oldest_queued_age_secs: Option<f64> = sqlx::query_scalar!(
+        r#"select extract(epoch from now() - min(created_at))::float8 as "age?"
+           from jobs where status = 'queued'"#
     )
     .fetch_one(db)
     .await?;
     Ok(JobStats {
-        by_status,
+        by_status: by_status.into_iter().map(|r| (r.status, r.count)).collect(),
         oldest_queued_age_secs,
     })
 }
@@ -583,7 +671,7 @@ pub async fn retry_attempt(
     lease: Duration,
     ended: &AttemptEnd<'_>,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let query = sqlx::query!(
         "update jobs set attempts = attempts + 1, updated_at = now(),
                          lease_expires_at = now() + make_interval(secs => $3),
                          attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
@@ -591,17 +679,17 @@ pub async fn retry_attempt(
                              'partial_content', nullif(left($6, $7), ''))),
                          partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(lease.as_secs_f64())
-    .bind(ended.code)
-    .bind(ended.message)
-    .bind(ended.partial)
-    .bind(super::MAX_PARTIAL_CHARS)
-    .execute(db)
-    .await?;
+         returning pg_notify($8, id::text)::text",
+        id,
+        token,
+        lease.as_secs_f64(),
+        ended.code,
+        ended.message,
+        ended.partial,
+        super::MAX_PARTIAL_CHARS,
+        super::JOB_CHANNEL,
+    );
+    let done = db.execute(query).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -612,7 +700,7 @@ pub async fn retry_attempt(
 /// recorded as `worker_stopped` with the text saved so far. False if the
 /// claim is gone.
 pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let query = sqlx::query!(
         "update jobs set status = 'queued',
                          attempt_errors = attempt_errors || jsonb_strip_nulls(jsonb_build_object(
                              'attempt', attempts, 'code', 'worker_stopped',
@@ -624,13 +712,13 @@ pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Re
                          -- the relay must not publish another.
                          published_at = coalesce(published_at, now())
          where id = $1 and claim_token = $2 and status = 'running'
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(super::MAX_PARTIAL_CHARS)
-    .execute(db)
-    .await?;
+         returning pg_notify($4, id::text)::text",
+        id,
+        token,
+        super::MAX_PARTIAL_CHARS,
+        super::JOB_CHANNEL,
+    );
+    let done = db.execute(query).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -638,17 +726,17 @@ pub async fn release(db: impl PgExecutor<'_>, id: Uuid, token: Uuid) -> sqlx::Re
 /// operator replaying dead letters). False if the job is not failed, or its
 /// conversation has another active job by now.
 pub async fn requeue_failed(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let query = sqlx::query!(
         "update jobs set status = 'queued', attempts = 0, error_code = null, error_message = null,
                          finished_at = null, published_at = null, updated_at = now()
          where id = $1 and status = 'failed'
            and not exists (select 1 from jobs o where o.conversation_id = jobs.conversation_id
                            and o.status in ('queued', 'running'))
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
-    .execute(db)
-    .await?;
+         returning pg_notify($2, id::text)::text",
+        id,
+        super::JOB_CHANNEL,
+    );
+    let done = db.execute(query).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -663,7 +751,7 @@ pub async fn defer(
     ended: &AttemptEnd<'_>,
     delay: Duration,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let query = sqlx::query!(
         "update jobs set status = 'queued', claim_token = null, lease_expires_at = null,
                          published_at = null, updated_at = now(),
                          not_before = now() + make_interval(secs => $7),
@@ -672,17 +760,17 @@ pub async fn defer(
                              'partial_content', nullif(left($5, $6), ''))),
                          partial_content = null, partial_attempt = null
          where id = $1 and claim_token = $2 and status = 'running'
-         returning pg_notify('chatq_job', id::text)::text",
-    )
-    .bind(id)
-    .bind(token)
-    .bind(ended.code)
-    .bind(ended.message)
-    .bind(ended.partial)
-    .bind(super::MAX_PARTIAL_CHARS)
-    .bind(delay.as_secs_f64())
-    .execute(db)
-    .await?;
+         returning pg_notify($8, id::text)::text",
+        id,
+        token,
+        ended.code,
+        ended.message,
+        ended.partial,
+        super::MAX_PARTIAL_CHARS,
+        delay.as_secs_f64(),
+        super::JOB_CHANNEL,
+    );
+    let done = db.execute(query).await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -690,12 +778,12 @@ pub async fn defer(
 /// worker's republish rule). Parked jobs are left out: their messages may
 /// be held, unacked, by workers waiting for their key's slot.
 pub async fn count_published_before(db: impl PgExecutor<'_>, after: Duration) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "select count(*) from jobs
-         where status = 'queued' and not parked
-           and published_at < now() - make_interval(secs => $1)",
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from jobs
+           where status = 'queued' and not parked
+             and published_at < now() - make_interval(secs => $1)"#,
+        after.as_secs_f64(),
     )
-    .bind(after.as_secs_f64())
     .fetch_one(db)
     .await
 }
@@ -707,41 +795,48 @@ pub async fn lock_published_before(
     after: Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "select id from jobs
          where status = 'queued' and not parked
            and published_at < now() - make_interval(secs => $1)
          order by published_at
          for update skip locked limit $2",
+        after.as_secs_f64(),
+        limit,
     )
-    .bind(after.as_secs_f64())
-    .bind(limit)
     .fetch_all(db)
     .await
 }
 
 /// Records that queued jobs were published again just now.
 pub async fn mark_republished_many(db: impl PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("update jobs set published_at = now() where id = any($1) and status = 'queued'")
-        .bind(ids)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "update jobs set published_at = now() where id = any($1) and status = 'queued'",
+        ids
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 /// Queued jobs of one tenant (the per-tenant share of the queue).
 pub async fn queued_count_of_tenant(db: impl PgExecutor<'_>, tenant_id: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar("select count(*) from jobs where tenant_id = $1 and status = 'queued'")
-        .bind(tenant_id)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from jobs where tenant_id = $1 and status = 'queued'"#,
+        tenant_id
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Queued jobs whose publish was never confirmed (the outbox backlog).
 pub async fn unpublished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar("select count(*) from jobs where status = 'queued' and published_at is null")
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"select count(*) as "count!" from jobs
+           where status = 'queued' and published_at is null"#
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Saves the text the running attempt has streamed so far (no `NOTIFY`:
@@ -754,14 +849,14 @@ pub async fn save_partial(
     attempt: i32,
     text: &str,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "update jobs set partial_content = $4, partial_attempt = $3
          where id = $1 and claim_token = $2 and status = 'running'",
+        id,
+        token,
+        attempt,
+        text,
     )
-    .bind(id)
-    .bind(token)
-    .bind(attempt)
-    .bind(text)
     .execute(db)
     .await?;
     Ok(done.rows_affected() == 1)

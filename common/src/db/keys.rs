@@ -22,13 +22,13 @@ pub struct ActiveKey {
 
 /// Returns the id of the tenant called `name`, creating it if needed.
 pub async fn upsert_tenant(db: impl PgExecutor<'_>, id: Uuid, name: &str) -> sqlx::Result<Uuid> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "insert into tenants (id, name) values ($1, $2)
          on conflict (name) do update set updated_at = tenants.updated_at
          returning id",
+        id,
+        name,
     )
-    .bind(id)
-    .bind(name)
     .fetch_one(db)
     .await
 }
@@ -50,15 +50,15 @@ pub async fn insert_key(
     key_hash: &[u8],
     limits: KeyLimits,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "insert into api_keys (id, tenant_id, key_hash, rate_limit_per_minute, max_concurrency)
          values ($1, $2, $3, $4, $5)",
+        id,
+        tenant_id,
+        key_hash,
+        limits.rate_limit_per_minute,
+        limits.max_concurrency,
     )
-    .bind(id)
-    .bind(tenant_id)
-    .bind(key_hash)
-    .bind(limits.rate_limit_per_minute)
-    .bind(limits.max_concurrency)
     .execute(db)
     .await?;
     Ok(())
@@ -69,11 +69,12 @@ pub async fn find_active(
     db: impl PgExecutor<'_>,
     key_hash: &[u8],
 ) -> sqlx::Result<Option<ActiveKey>> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ActiveKey,
         "select id, tenant_id, rate_limit_per_minute, max_concurrency from api_keys
          where key_hash = $1 and revoked_at is null",
+        key_hash,
     )
-    .bind(key_hash)
     .fetch_optional(db)
     .await
 }
@@ -81,16 +82,16 @@ pub async fn find_active(
 /// Revokes a key and announces it on [`KEY_CHANNEL`] so api replicas drop
 /// cached lookups; false if there is no such unrevoked key.
 pub async fn revoke(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<bool> {
-    let announced = sqlx::query(
+    let announced = sqlx::query!(
         "with revoked as (
              update api_keys set revoked_at = now(), updated_at = now()
              where id = $1 and revoked_at is null
              returning id
          )
          select pg_notify($2, id::text) from revoked",
+        id,
+        KEY_CHANNEL,
     )
-    .bind(id)
-    .bind(KEY_CHANNEL)
     .fetch_all(db)
     .await?;
     Ok(announced.len() == 1)

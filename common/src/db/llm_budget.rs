@@ -45,21 +45,23 @@ pub async fn acquire(
     window: Duration,
     lease: Duration,
 ) -> sqlx::Result<Option<Duration>> {
-    let wait: f64 = sqlx::query_scalar("select chatq_llm_acquire($1, $2, $3, $4, $5, $6, $7, $8)")
-        .bind(model)
-        .bind(call)
-        .bind(tokens)
-        .bind(
-            limits
-                .max_concurrency
-                .map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-        )
-        .bind(limits.requests)
-        .bind(limits.tokens)
-        .bind(window.as_secs_f64().max(0.001))
-        .bind(lease.as_secs_f64())
-        .fetch_one(db)
-        .await?;
+    // A function's result has no NOT NULL to infer from; it always returns
+    // a number.
+    let wait: f64 = sqlx::query_scalar!(
+        r#"select chatq_llm_acquire($1, $2, $3, $4, $5, $6, $7, $8) as "wait!""#,
+        model,
+        call,
+        tokens,
+        limits
+            .max_concurrency
+            .map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+        limits.requests,
+        limits.tokens,
+        window.as_secs_f64().max(0.001),
+        lease.as_secs_f64(),
+    )
+    .fetch_one(db)
+    .await?;
     Ok((wait > 0.0).then(|| Duration::from_secs_f64(wait.min(3600.0))))
 }
 
@@ -73,14 +75,16 @@ pub async fn release(
     sent: bool,
     limits: &Limits,
 ) -> sqlx::Result<()> {
-    sqlx::query("select chatq_llm_release($1, $2, $3, $4, $5)")
-        .bind(call)
-        .bind(used)
-        .bind(sent)
-        .bind(limits.requests)
-        .bind(limits.tokens)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "select chatq_llm_release($1, $2, $3, $4, $5)",
+        call,
+        used,
+        sent,
+        limits.requests,
+        limits.tokens,
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -92,22 +96,31 @@ pub async fn pause(
     pause: Duration,
     spread: Duration,
 ) -> sqlx::Result<()> {
-    sqlx::query("select chatq_llm_pause($1, $2, $3)")
-        .bind(model)
-        .bind(pause.as_secs_f64())
-        .bind(spread.as_secs_f64())
-        .execute(db)
-        .await?;
+    // The function returns when the pause ends, which nobody reads; with an
+    // output column `query!` gives a `Map`, run by the executor.
+    let query = sqlx::query!(
+        "select chatq_llm_pause($1, $2, $3)",
+        model,
+        pause.as_secs_f64(),
+        spread.as_secs_f64(),
+    );
+    db.execute(query).await?;
     Ok(())
 }
 
 /// Provider pauses still in force: `(model, seconds left, spread seconds)`.
 pub async fn active_pauses(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, f64, f64)>> {
-    sqlx::query_as(
-        "select model, extract(epoch from paused_until - clock_timestamp())::float8,
-                extract(epoch from ramp_until - paused_until)::float8
-         from llm_budgets where paused_until > clock_timestamp()",
+    // `paused_until > clock_timestamp()` holds, so `paused_until` is not
+    // null; `ramp_until` is set with it.
+    let rows = sqlx::query!(
+        r#"select model, extract(epoch from paused_until - clock_timestamp())::float8 as "left!",
+                  extract(epoch from ramp_until - paused_until)::float8 as "spread!"
+           from llm_budgets where paused_until > clock_timestamp()"#
     )
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.model, r.left, r.spread))
+        .collect())
 }

@@ -19,8 +19,8 @@ pub async fn list(
     limit: i64,
     max_bytes: i64,
 ) -> sqlx::Result<super::Cut<Message>> {
-    let rows: Vec<super::CutRow<Message>> = sqlx::query_as(
-        "with page as (
+    let rows = sqlx::query!(
+        r#"with page as (
              select id, seq, role, content, job_id, created_at,
                     sum(octet_length(content)) over (order by seq) - octet_length(content)
                         as bytes_before
@@ -30,17 +30,27 @@ pub async fn list(
                     or seq > (select seq from messages where id = $3 and conversation_id = $2))
              order by seq limit $4
          )
-         select id, role, content, job_id, created_at, (select count(*) from page) as fetched
-         from page where bytes_before < $5 order by seq",
+         select id, role as "role: Role", content, job_id, created_at,
+                (select count(*) from page) as "fetched!"
+         from page where bytes_before < $5 order by seq"#,
+        tenant_id,
+        conversation_id,
+        after,
+        limit,
+        max_bytes,
     )
-    .bind(tenant_id)
-    .bind(conversation_id)
-    .bind(after)
-    .bind(limit)
-    .bind(max_bytes)
     .fetch_all(db)
     .await?;
-    Ok(super::Cut::from_rows(rows))
+    Ok(super::Cut::from_rows(rows.into_iter().map(|r| {
+        let m = Message {
+            id: r.id,
+            role: r.role,
+            content: r.content,
+            job_id: r.job_id,
+            created_at: r.created_at,
+        };
+        (m, r.fetched)
+    })))
 }
 
 /// What a prompt is built from: the conversation's system prompt and its
@@ -64,7 +74,6 @@ pub async fn prompt_sources(
     db: impl PgExecutor<'_>,
     conversations: &[(Uuid, Uuid)],
 ) -> sqlx::Result<HashMap<Uuid, PromptSource>> {
-    #[derive(sqlx::FromRow)]
     struct Row {
         conversation_id: Uuid,
         system_prompt: Option<String>,
@@ -75,15 +84,19 @@ pub async fn prompt_sources(
         created_at: Option<chrono::DateTime<chrono::Utc>>,
     }
     let (tenants, ids): (Vec<Uuid>, Vec<Uuid>) = conversations.iter().copied().unzip();
-    let rows: Vec<Row> = sqlx::query_as(
-        "select c.id as conversation_id, c.system_prompt,
-                m.id, m.role, m.content, m.job_id, m.created_at
-         from conversations c left join messages m on m.conversation_id = c.id
-         where (c.tenant_id, c.id) in (select * from unnest($1::uuid[], $2::uuid[]))
-         order by c.id, m.seq",
+    // The message columns are null for a conversation without messages
+    // (left join).
+    let rows = sqlx::query_as!(
+        Row,
+        r#"select c.id as conversation_id, c.system_prompt,
+                  m.id as "id?", m.role as "role?: Role", m.content as "content?",
+                  m.job_id, m.created_at as "created_at?"
+           from conversations c left join messages m on m.conversation_id = c.id
+           where (c.tenant_id, c.id) in (select * from unnest($1::uuid[], $2::uuid[]))
+           order by c.id, m.seq"#,
+        &tenants,
+        &ids,
     )
-    .bind(tenants)
-    .bind(ids)
     .fetch_all(db)
     .await?;
     let mut sources: HashMap<Uuid, PromptSource> = HashMap::new();

@@ -20,23 +20,20 @@ pub struct Cut<T> {
     pub truncated: bool,
 }
 
-/// A row of a size-cut page: the row and how many rows the page held
-/// before the cut.
-#[derive(Debug, sqlx::FromRow)]
-pub struct CutRow<T> {
-    #[sqlx(flatten)]
-    row: T,
-    fetched: i64,
-}
-
 impl<T> Cut<T> {
-    fn from_rows(rows: Vec<CutRow<T>>) -> Self {
-        let fetched = rows.first().map_or(0, |r| r.fetched);
+    /// The page from its rows, each with how many rows the page held
+    /// before the cut (the same on every row).
+    fn from_rows(rows: impl IntoIterator<Item = (T, i64)>) -> Self {
+        let mut fetched = 0;
+        let rows: Vec<T> = rows
+            .into_iter()
+            .map(|(row, n)| {
+                fetched = n;
+                row
+            })
+            .collect();
         let truncated = usize::try_from(fetched).unwrap_or(usize::MAX) > rows.len();
-        Self {
-            rows: rows.into_iter().map(|r| r.row).collect(),
-            truncated,
-        }
+        Self { rows, truncated }
     }
 }
 
@@ -90,4 +87,135 @@ pub fn unavailable_copy(err: &sqlx::Error) -> sqlx::Error {
         other => std::io::Error::other(other.to_string()),
     };
     sqlx::Error::Io(io)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The notification channels are named once in Rust, here and in
+    //! `keys` and `llm_budget`: the repository's statements bind them as
+    //! parameters. Functions in the migrations (append-only) spell some of
+    //! them as literals, so these tests hold the two together.
+
+    use std::path::Path;
+
+    use super::llm_budget::{PAUSE_CHANNEL, RELEASE_CHANNEL};
+    use super::{CANCEL_CHANNEL, JOB_CHANNEL, KEY_SLOT_CHANNEL, keys::KEY_CHANNEL};
+
+    const CHANNELS: [&str; 6] = [
+        JOB_CHANNEL,
+        CANCEL_CHANNEL,
+        KEY_SLOT_CHANNEL,
+        KEY_CHANNEL,
+        RELEASE_CHANNEL,
+        PAUSE_CHANNEL,
+    ];
+
+    /// Every migration, in the order they apply: (file name, text).
+    fn migrations() -> std::io::Result<Vec<(String, String)>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "sql") {
+                let name = path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                files.push((name, std::fs::read_to_string(&path)?));
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// The channel literals of `pg_notify('…'` in `sql`.
+    fn notified_literals(sql: &str) -> Vec<&str> {
+        sql.split("pg_notify('")
+            .skip(1)
+            .filter_map(|rest| rest.split('\'').next())
+            .collect()
+    }
+
+    /// The body (between `$$`s) of the last definition of SQL function
+    /// `name` in the migrations.
+    fn latest_body(files: &[(String, String)], name: &str) -> Option<String> {
+        let heads = [
+            format!("create function {name}("),
+            format!("create or replace function {name}("),
+        ];
+        files.iter().rev().find_map(|(_, sql)| {
+            let start = heads.iter().filter_map(|h| sql.rfind(h.as_str())).max()?;
+            let body = &sql[start..];
+            let open = body.find("$$")? + 2;
+            let close = body[open..].find("$$")?;
+            Some(body[open..open + close].to_owned())
+        })
+    }
+
+    #[test]
+    fn channel_names_are_distinct() {
+        for (i, a) in CHANNELS.iter().enumerate() {
+            assert!(!CHANNELS[i + 1..].contains(a), "{a} is named twice");
+        }
+    }
+
+    #[test]
+    fn every_channel_a_migration_notifies_is_a_rust_constant() -> std::io::Result<()> {
+        let files = migrations()?;
+        assert!(!files.is_empty(), "no migrations found");
+        for (name, sql) in &files {
+            for channel in notified_literals(sql) {
+                assert!(
+                    CHANNELS.contains(&channel),
+                    "{name} notifies {channel:?}, which no constant in common::db names"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn functions_notify_the_channels_the_workers_listen_on() -> std::io::Result<()> {
+        let files = migrations()?;
+        for (function, channel) in [
+            ("chatq_llm_release", RELEASE_CHANNEL),
+            ("chatq_llm_pause", PAUSE_CHANNEL),
+            ("chatq_key_slot_freed", KEY_SLOT_CHANNEL),
+            ("chatq_unpark_free_slots", KEY_SLOT_CHANNEL),
+        ] {
+            let Some(body) = latest_body(&files, function) else {
+                panic!("no migration defines {function}");
+            };
+            assert_eq!(
+                notified_literals(&body),
+                [channel],
+                "{function} must notify {channel:?} (and only that)"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn repository_statements_bind_their_channels() {
+        for (file, source) in [
+            ("conversations.rs", include_str!("conversations.rs")),
+            ("jobs.rs", include_str!("jobs.rs")),
+            ("keys.rs", include_str!("keys.rs")),
+            ("llm_budget.rs", include_str!("llm_budget.rs")),
+            ("messages.rs", include_str!("messages.rs")),
+            ("submissions.rs", include_str!("submissions.rs")),
+            ("controls.rs", include_str!("controls.rs")),
+            ("rate_limits.rs", include_str!("rate_limits.rs")),
+        ] {
+            assert!(
+                notified_literals(source).is_empty(),
+                "common/src/db/{file} spells a channel in SQL: bind the constant instead"
+            );
+            for channel in CHANNELS {
+                assert!(
+                    !source.contains(&format!("'{channel}'")),
+                    "common/src/db/{file} spells {channel:?} in SQL: bind the constant instead"
+                );
+            }
+        }
+    }
 }

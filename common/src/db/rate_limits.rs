@@ -8,11 +8,15 @@ use uuid::Uuid;
 /// Counts one request of `key_id` against `limit` per minute. `None` if it
 /// is allowed, else the seconds until a retry can be allowed.
 pub async fn hit(db: impl PgExecutor<'_>, key_id: Uuid, limit: i32) -> sqlx::Result<Option<f64>> {
-    let (allowed, retry_after): (bool, f64) =
-        sqlx::query_as("select allowed, retry_after_secs from chatq_rate_hit($1, $2)")
-            .bind(key_id)
-            .bind(limit)
-            .fetch_one(db)
-            .await?;
-    Ok((!allowed).then_some(retry_after))
+    // A function's out parameters have no NOT NULL to infer from; the
+    // function always sets both.
+    let hit = sqlx::query!(
+        r#"select allowed as "allowed!", retry_after_secs as "retry_after_secs!"
+           from chatq_rate_hit($1, $2)"#,
+        key_id,
+        limit
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((!hit.allowed).then_some(hit.retry_after_secs))
 }

@@ -5,7 +5,7 @@
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::domain::{Conversation, Job, Priority, Role};
+use crate::domain::{Conversation, Job, JobStatus, Priority, Role};
 
 /// Stores one turn (creating its conversation if `turn.new_conversation` is
 /// set) with its queued job, in one statement. The job's model defaults to
@@ -20,8 +20,9 @@ pub async fn submit_one(
     idempotency: Option<(&str, &[u8])>,
 ) -> sqlx::Result<Option<Job>> {
     let c = turn.new_conversation.as_ref();
-    sqlx::query_as(
-        "with new_conv as (
+    sqlx::query_as!(
+        Job,
+        r#"with new_conv as (
              insert into conversations (id, tenant_id, system_prompt, model, metadata)
              select $3, $2, $11, $12, $13 where $14
              returning id, model
@@ -41,27 +42,33 @@ pub async fn submit_one(
              insert into messages (id, tenant_id, conversation_id, role, content, job_id)
              select $9, $2, job.conversation_id, 'user', $10, job.id from job
          )
-         select * from job",
+         select id, tenant_id, conversation_id, status as "status: JobStatus", model, max_tokens,
+                temperature, attempts, claim_token, result_message_id, result_content,
+                finish_reason, prompt_tokens, completion_tokens, error_code, error_message,
+                attempt_errors, created_at, started_at, finished_at, partial_content,
+                partial_attempt, sampling, priority as "priority: Priority", cost, start_tag,
+                not_before, trace_parent
+         from job"#,
+        turn.job_id,
+        turn.tenant_id,
+        turn.conversation_id,
+        turn.model,
+        turn.max_tokens,
+        turn.temperature,
+        idempotency.map(|(key, _)| key),
+        idempotency.map(|(_, hash)| hash),
+        turn.message_id,
+        turn.content,
+        c.and_then(|c| c.system_prompt.as_deref()),
+        c.map(|c| c.model.as_str()),
+        c.map(|c| &c.metadata),
+        c.is_some(),
+        turn.priority as Priority,
+        turn.sampling,
+        turn.trace_parent,
+        turn.key.map(|(id, _)| id),
+        turn.key.and_then(|(_, cap)| cap),
     )
-    .bind(turn.job_id)
-    .bind(turn.tenant_id)
-    .bind(turn.conversation_id)
-    .bind(&turn.model)
-    .bind(turn.max_tokens)
-    .bind(turn.temperature)
-    .bind(idempotency.map(|(key, _)| key))
-    .bind(idempotency.map(|(_, hash)| hash))
-    .bind(turn.message_id)
-    .bind(&turn.content)
-    .bind(c.and_then(|c| c.system_prompt.as_deref()))
-    .bind(c.map(|c| c.model.as_str()))
-    .bind(c.map(|c| &c.metadata))
-    .bind(c.is_some())
-    .bind(turn.priority)
-    .bind(&turn.sampling)
-    .bind(&turn.trace_parent)
-    .bind(turn.key.map(|(id, _)| id))
-    .bind(turn.key.and_then(|(_, cap)| cap))
     .fetch_optional(db)
     .await
 }
@@ -78,7 +85,7 @@ pub async fn insert_history(
     let ids: Vec<Uuid> = messages.iter().map(|_| crate::domain::new_id()).collect();
     let roles: Vec<Role> = messages.iter().map(|(r, _)| *r).collect();
     let contents: Vec<&str> = messages.iter().map(|(_, c)| c.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "with conv as (
              insert into conversations (id, tenant_id, system_prompt, model, metadata)
              values ($1, $2, $3, $4, $5)
@@ -89,15 +96,15 @@ pub async fn insert_history(
          from conv, unnest($6::uuid[], $7::text[], $8::text[]) with ordinality
              as m(id, role, content, n)
          order by m.n",
+        conversation.id,
+        conversation.tenant_id,
+        conversation.system_prompt,
+        conversation.model,
+        conversation.metadata,
+        &ids,
+        roles as Vec<Role>,
+        &contents as &[&str],
     )
-    .bind(conversation.id)
-    .bind(conversation.tenant_id)
-    .bind(&conversation.system_prompt)
-    .bind(&conversation.model)
-    .bind(&conversation.metadata)
-    .bind(ids)
-    .bind(roles)
-    .bind(contents)
     .execute(db)
     .await?;
     Ok(())
@@ -179,8 +186,9 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
         key_ids.push(t.key.map(|(id, _)| id));
         key_caps.push(t.key.and_then(|(_, cap)| cap));
     }
-    sqlx::query_as(
-        "with input as (
+    sqlx::query_as!(
+        Job,
+        r#"with input as (
              select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bool[], $5::text[],
                                   $6::text[], $7::jsonb[], $8::text[], $9::int4[], $10::float8[],
                                   $11::uuid[], $12::text[], $13::text[], $14::jsonb[],
@@ -215,25 +223,31 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
              select i.message_id, i.tenant_id, i.conversation_id, 'user', i.content, i.job_id
              from input i join job on job.id = i.job_id
          )
-         select * from job",
+         select id, tenant_id, conversation_id, status as "status: JobStatus", model, max_tokens,
+                temperature, attempts, claim_token, result_message_id, result_content,
+                finish_reason, prompt_tokens, completion_tokens, error_code, error_message,
+                attempt_errors, created_at, started_at, finished_at, partial_content,
+                partial_attempt, sampling, priority as "priority: Priority", cost, start_tag,
+                not_before, trace_parent
+         from job"#,
+        &job_ids,
+        &tenant_ids,
+        &conversation_ids,
+        &is_new,
+        &system_prompts as &[Option<String>],
+        &conversation_models as &[Option<String>],
+        &metadata as &[Option<serde_json::Value>],
+        &models as &[&str],
+        &max_tokens as &[Option<i32>],
+        &temperatures as &[Option<f64>],
+        &message_ids,
+        &contents as &[&str],
+        priorities as Vec<Priority>,
+        &samplings as &[Option<serde_json::Value>],
+        &trace_parents as &[Option<&str>],
+        &key_ids as &[Option<Uuid>],
+        &key_caps as &[Option<i32>],
     )
-    .bind(job_ids)
-    .bind(tenant_ids)
-    .bind(conversation_ids)
-    .bind(is_new)
-    .bind(system_prompts)
-    .bind(conversation_models)
-    .bind(metadata)
-    .bind(models)
-    .bind(max_tokens)
-    .bind(temperatures)
-    .bind(message_ids)
-    .bind(contents)
-    .bind(priorities)
-    .bind(samplings)
-    .bind(trace_parents)
-    .bind(key_ids)
-    .bind(key_caps)
     .fetch_all(db)
     .await
 }
