@@ -70,6 +70,7 @@ pub struct ApiMetrics {
     jobs: Family<StatusLabels, Gauge>,
     oldest_queued_age: Gauge<f64, AtomicU64>,
     outbox_backlog: Gauge,
+    outbox_lag: Gauge<f64, AtomicU64>,
     sample_errors: Counter,
     /// When the broker and database were last sampled; held across the
     /// sample so concurrent scrapes share one.
@@ -158,6 +159,12 @@ impl ApiMetrics {
             "Queued jobs whose publish is not confirmed yet, waiting for the relay (sampled)",
             outbox_backlog.clone(),
         );
+        let outbox_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "chatq_outbox_lag_seconds",
+            "Age of the oldest queued job whose publish is not confirmed (the relay's lag), 0 when none (sampled)",
+            outbox_lag.clone(),
+        );
         let sample_errors = Counter::default();
         registry.register(
             "chatq_metrics_sample_errors",
@@ -177,6 +184,7 @@ impl ApiMetrics {
             jobs,
             oldest_queued_age,
             outbox_backlog,
+            outbox_lag,
             sample_errors,
             sampled_at: tokio::sync::Mutex::new(None),
         }
@@ -207,19 +215,13 @@ impl ApiMetrics {
         // Set before reading: an unreachable broker is retried once per
         // interval, not on every scrape.
         *sampled_at = Some(Instant::now());
-        let read = async {
-            tokio::join!(
-                state.publisher.broker().depths(),
-                jobs::stats(&state.db),
-                jobs::unpublished_count(&state.db),
-            )
-        };
-        let Ok((depths, stats, unpublished)) = tokio::time::timeout(SAMPLE_TIMEOUT, read).await
-        else {
-            self.sample_errors.inc();
-            tracing::warn!("sampling queue and job counts timed out");
-            return;
-        };
+        // Each read has its own time limit: a hung broker must not stop the
+        // PostgreSQL gauges (the outbox matters most exactly then).
+        let (depths, stats, outbox) = tokio::join!(
+            bounded(state.publisher.broker().depths()),
+            bounded(jobs::stats(&state.db)),
+            bounded(jobs::outbox(&state.db)),
+        );
         match depths {
             Ok(d) => {
                 self.queue_messages.set(i64::from(d.work_messages));
@@ -244,15 +246,27 @@ impl ApiMetrics {
                 tracing::warn!(error = %err, "reading job counts for metrics failed");
             }
         }
-        match unpublished {
-            Ok(n) => {
-                self.outbox_backlog.set(n);
+        match outbox {
+            Ok((backlog, lag)) => {
+                self.outbox_backlog.set(backlog);
+                self.outbox_lag.set(lag);
             }
             Err(err) => {
                 self.sample_errors.inc();
-                tracing::warn!(error = %err, "reading the outbox backlog for metrics failed");
+                tracing::warn!(error = %err, "reading the outbox for metrics failed");
             }
         }
+    }
+}
+
+/// A sampled read, bounded by [`SAMPLE_TIMEOUT`]; its error as text.
+async fn bounded<T, E: std::fmt::Display>(
+    read: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(SAMPLE_TIMEOUT, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("timed out after {SAMPLE_TIMEOUT:?}")),
     }
 }
 

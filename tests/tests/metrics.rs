@@ -219,3 +219,64 @@ async fn the_worker_serves_health_and_readiness_next_to_its_metrics() -> anyhow:
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_outbox_gauges_show_the_relays_backlog_and_lag_while_the_broker_is_away()
+-> anyhow::Result<()> {
+    let proxy = chatq_tests::proxy::FaultProxy::start("127.0.0.1:5672".parse()?).await?;
+    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    // No worker yet: its relay would publish the outbox within a second.
+    let (mut env, key) = TestEnv::start_with_key(EnvOptions {
+        workers: 0,
+        api_env: env_of(&[("AMQP_URL", &via_proxy)]),
+        ..Default::default()
+    })
+    .await?;
+    let before = scrape(&env, &env.api.url).await?;
+    assert_eq!(before.value("chatq_outbox_backlog"), 0.0);
+    assert_eq!(before.value("chatq_outbox_lag_seconds"), 0.0);
+
+    // The api cannot publish: accepted jobs wait in the outbox.
+    proxy.cut();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = env
+            .api
+            .post("/v1/chat", &key, &json!({"content": format!("outbox {i}")}))
+            .await?;
+        assert_eq!(r.status, 202, "{}", r.body);
+        ids.push(r.str("id"));
+    }
+    eventually(
+        "the outbox gauges show the 5 unpublished jobs",
+        Duration::from_secs(30),
+        || async {
+            let s = scrape(&env, &env.api.url).await?;
+            let shown =
+                s.value("chatq_outbox_backlog") == 5.0 && s.value("chatq_outbox_lag_seconds") > 0.0;
+            Ok(shown.then_some(()))
+        },
+    )
+    .await?;
+
+    // The broker is back and a worker's relay publishes the outbox.
+    proxy.restore();
+    env.start_worker(&[]).await?;
+    for id in &ids {
+        let job = env.api.wait_terminal(&key, id, DEADLINE).await?;
+        assert_eq!(job["status"], "succeeded");
+    }
+    eventually(
+        "the outbox gauges return to 0",
+        Duration::from_secs(30),
+        || async {
+            let s = scrape(&env, &env.api.url).await?;
+            let empty = s.value("chatq_outbox_backlog") == 0.0
+                && s.value("chatq_outbox_lag_seconds") == 0.0;
+            Ok(empty.then_some(()))
+        },
+    )
+    .await?;
+    env.cleanup().await;
+    Ok(())
+}

@@ -839,6 +839,20 @@ pub async fn unpublished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     .await
 }
 
+/// The outbox: queued jobs whose publish was never confirmed, and the age
+/// in seconds of the oldest of them (the relay's lag; 0 when none).
+pub async fn outbox(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
+    let row = sqlx::query!(
+        r#"select count(*) as "backlog!",
+                  coalesce(extract(epoch from now() - min(created_at)), 0)::float8 as "lag!"
+           from jobs
+           where status = 'queued' and published_at is null"#
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((row.backlog, row.lag.max(0.0)))
+}
+
 /// Saves the text the running attempt has streamed so far (no `NOTIFY`:
 /// subscribers hear the text itself over the events exchange; this copy is
 /// for those who join or resume later). False if the claim is gone.
