@@ -2,7 +2,7 @@
 //! `/admin/v1`. Neither is accepted in place of the other.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
@@ -140,7 +140,7 @@ impl KeyCache {
     /// Counts a 401; the audit log gets one line per [`REFUSAL_LOG_EVERY`]
     /// with the count, not one per request (never the key itself).
     fn count_refusal(&self) {
-        let mut tally = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut tally = chatq_common::sync::lock(&self.refusals);
         tally.count += 1;
         let since = *tally.since.get_or_insert_with(Instant::now);
         if tally.count == 1 {
@@ -169,8 +169,7 @@ impl KeyCache {
     }
 
     fn lock(&self) -> MutexGuard<'_, CachedKeys> {
-        // A panic while holding this lock cannot leave the map inconsistent.
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+        chatq_common::sync::lock(&self.keys)
     }
 }
 

@@ -11,7 +11,9 @@
 //! channel overflowed) hears [`JobEvent::Lagged`] and re-reads it too.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use chatq_common::sync::lock;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
@@ -199,9 +201,4 @@ impl Drop for JobSubscription {
             jobs.remove(&self.id);
         }
     }
-}
-
-fn lock(jobs: &Jobs) -> MutexGuard<'_, HashMap<Uuid, Entry>> {
-    // A panic while holding this lock cannot leave the map inconsistent.
-    jobs.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -4,7 +4,9 @@
 //! (or per process) and adjusted locally in between.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use chatq_common::sync::lock;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -214,9 +216,4 @@ impl Backlogs {
 fn tenant_share(state: &AppState) -> i64 {
     let max = f64::from(state.config.amqp.max_queue_length);
     ((max * state.config.tenant_queue_share).floor() as i64).max(1)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values stay consistent even if a holder panicked.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -13,7 +13,9 @@
 //! `chatq_jobs_started` counter the claim advances, smoothed over
 //! [`RATE_HORIZON`].
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use chatq_common::sync::lock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -184,11 +186,6 @@ impl Snapshot {
         // estimate stays put instead of drifting later.
         (self.wall + wait).max(Utc::now())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Holds a plain Option: a panic cannot leave it inconsistent.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! announce a terabyte) keeps a socket or a request slot for long.
 
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -275,11 +275,7 @@ pub async fn limit_request(
     }
     let route = req.extensions().get::<MatchedPath>().cloned();
     let Ok(_slot) = limits.in_flight.try_acquire() else {
-        let count = limits
-            .shed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .tick();
+        let count = chatq_common::sync::lock(&limits.shed).tick();
         if let Some(count) = count {
             tracing::warn!(
                 shed = count,

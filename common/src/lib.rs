@@ -7,6 +7,7 @@ pub mod domain;
 pub mod group;
 pub mod metrics;
 pub mod queue;
+pub mod sync;
 pub mod telemetry;
 pub mod time;
 

@@ -16,7 +16,9 @@
 //! comes back gradually instead of all at the reset instant.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use chatq_common::sync::lock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -350,11 +352,6 @@ fn now_epoch() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain maps: a panic while holding the lock cannot leave them inconsistent.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! costs at most a heartbeat interval).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+
+use chatq_common::sync::lock;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -78,11 +80,6 @@ impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.running).remove(&self.id);
     }
-}
-
-fn lock(running: &Running) -> MutexGuard<'_, HashMap<Uuid, CancellationToken>> {
-    // A panic while holding this lock cannot leave the map inconsistent.
-    running.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn listen(db: PgPool, running: Running, slots: Arc<Notify>, budget: Arc<Budget>) {
