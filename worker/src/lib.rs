@@ -45,8 +45,10 @@ pub struct WorkerConfig {
     /// API key sent as a bearer token to the LLM, if any.
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<SecretString>,
-    /// LLM calls in flight per worker process (the prefetch).
-    #[arg(long, env = "CHATQ_WORKER_CONCURRENCY", default_value_t = 64)]
+    /// LLM calls in flight per worker process (the prefetch), at least 1
+    /// (0 would consume nothing while counting as a consumer).
+    #[arg(long, env = "CHATQ_WORKER_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// LLM attempts per job before it fails.
     #[arg(long, env = "CHATQ_MAX_ATTEMPTS", default_value_t = 5)]
@@ -231,4 +233,22 @@ pub async fn run(
     let _ = recovery.await;
     tracing::info!(?stop, "worker stopped");
     Ok(stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: super::WorkerConfig,
+    }
+
+    #[test]
+    fn a_worker_concurrency_of_zero_is_refused() {
+        let parsed = |n: &str| Cli::try_parse_from(["chatq-worker", "--concurrency", n]);
+        assert!(parsed("0").is_err(), "0 would consume nothing");
+        assert_eq!(parsed("1").map(|c| c.config.concurrency).ok(), Some(1));
+    }
 }

@@ -334,9 +334,8 @@ async fn claim_next(
         // their rows (a concurrent claim, the relay marking its publishes).
         // Try again: they may still need this message.
         if with_db_retry("read queue", || jobs::has_startable(&ctx.db)).await? {
-            tokio::select! {
-                () = tokio::time::sleep(RECLAIM_PAUSE) => {}
-                () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+            if !sleep_unless_abandoned(RECLAIM_PAUSE, abandon).await {
+                return Ok(Claimed::Not(Outcome::Released));
             }
             continue;
         }
@@ -359,10 +358,17 @@ async fn claim_next(
                 Err(err) => tracing::warn!(error = %err, "delay queue unavailable; waiting here"),
             }
         }
-        tokio::select! {
-            () = tokio::time::sleep(wait.min(Duration::from_secs(5))) => {}
-            () = abandon.cancelled() => return Ok(Claimed::Not(Outcome::Released)),
+        if !sleep_unless_abandoned(wait.min(Duration::from_secs(5)), abandon).await {
+            return Ok(Claimed::Not(Outcome::Released));
         }
+    }
+}
+
+/// Sleeps for `d`; false, at once, if the message is abandoned meanwhile.
+async fn sleep_unless_abandoned(d: Duration, abandon: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = abandon.cancelled() => false,
     }
 }
 
