@@ -210,7 +210,7 @@ pub fn router(state: AppState) -> Router {
                 .map_or("unmatched", MatchedPath::as_str);
             trace::request_span(req, route)
         }))
-        .layer(axum::middleware::from_fn(trace::layer))
+        .layer(tower::util::MapRequestLayer::new(trace::with_context))
         // Outside the trace span: a shed request costs no span and no error
         // log of its own (shedding is logged at most once a second).
         .layer(axum::middleware::from_fn_with_state(

@@ -8,8 +8,6 @@
 //! exported spans' own, so the worker's span is the child of the submit's.
 
 use axum::extract::Request;
-use axum::middleware::Next;
-use axum::response::Response;
 use chatq_common::telemetry;
 
 /// The trace a request belongs to.
@@ -54,46 +52,51 @@ impl TraceContext {
     }
 }
 
+/// A random id of `bytes` bytes (8 or 16) as lowercase hex, never all
+/// zeros (which W3C trace context says is invalid).
 fn hex_id(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", fastrand::u8(..)))
-        .collect()
+    let id = fastrand::u128(1..);
+    match bytes {
+        16 => format!("{id:032x}"),
+        _ => format!("{:016x}", (id as u64).max(1)),
+    }
 }
 
-/// Middleware: puts the request's [`TraceContext`] in its extensions.
-pub async fn layer(mut req: Request, next: Next) -> Response {
+/// Puts the request's [`TraceContext`] in its extensions (a plain request
+/// map, `tower::util::MapRequestLayer`: no boxed middleware per request).
+pub fn with_context(mut req: Request) -> Request {
     let header = req
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok());
     let trace = TraceContext::from_header(header);
     req.extensions_mut().insert(trace);
-    next.run(req).await
+    req
 }
 
 /// The span of one request, in its trace: the child of the client's
 /// `traceparent` if it sent one. Its `trace_id` field is the exported
 /// trace's when traces are exported.
 pub fn request_span(req: &Request, route: &str) -> tracing::Span {
+    let trace = req.extensions().get::<TraceContext>();
+    // Known now unless an exporter starts a new trace for this request:
+    // then it is recorded from the exported span (a record costs more than
+    // a field given at creation).
+    let known = trace.filter(|t| t.incoming.is_some() || !telemetry::exporting());
     let span = tracing::info_span!(
         "request",
         method = %req.method(),
         route = %route,
-        trace_id = tracing::field::Empty
+        trace_id = known.map(|t| t.trace_id.as_str())
     );
-    if let Some(trace) = req.extensions().get::<TraceContext>() {
-        if let Some(incoming) = &trace.incoming {
-            telemetry::continue_trace(&span, incoming);
-        }
-        match telemetry::span_traceparent(&span) {
-            Some(exported) => {
-                let trace_id = exported.split('-').nth(1).unwrap_or_default();
-                span.record("trace_id", trace_id);
-            }
-            None => {
-                span.record("trace_id", trace.trace_id.as_str());
-            }
-        }
+    if let Some(incoming) = trace.and_then(|t| t.incoming.as_deref()) {
+        telemetry::continue_trace(&span, incoming);
+    }
+    if known.is_none()
+        && let Some(exported) = telemetry::span_traceparent(&span)
+    {
+        let trace_id = exported.split('-').nth(1).unwrap_or_default();
+        span.record("trace_id", trace_id);
     }
     span
 }

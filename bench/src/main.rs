@@ -28,7 +28,9 @@ use serde::Serialize;
 
 use ctx::{Ctx, External};
 use report::AllResults;
-use scenarios::{burst, concurrency, facade, flow, overhead, reads, scaling, stream, submit};
+use scenarios::{
+    burst, concurrency, facade, flow, instrumentation, overhead, reads, scaling, stream, submit,
+};
 use system::Infra;
 
 /// chatq load benchmark.
@@ -96,6 +98,12 @@ enum Scenario {
     Facade,
     /// Flow control: 429s and goodput at a saturated budget, fairness, lanes, queue ETA.
     Flow,
+    /// Cost of metrics, spans and logs per submit and per job, against the
+    /// real cost of each; also replaces its section of the report.
+    Instrumentation,
+    /// Internal: the in-process half of `instrumentation`, in a child process.
+    #[command(hide = true)]
+    InstrumentationMicro,
     /// Every scenario, then the report.
     All,
 }
@@ -111,6 +119,14 @@ async fn main() {
 
 async fn try_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.scenario == Scenario::InstrumentationMicro {
+        // Its stderr carries the logs being measured: errors go to stdout.
+        if let Err(err) = instrumentation::micro::child_main(cli.quick) {
+            println!("error: {err:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let external = match (&cli.url, &cli.admin_token) {
         (Some(url), Some(token)) => Some(External {
             url: url.trim_end_matches('/').to_owned(),
@@ -143,6 +159,18 @@ async fn try_main() -> anyhow::Result<()> {
         Scenario::Stream => save(&ctx.out, "stream", &stream::run(&ctx).await?),
         Scenario::Facade => save(&ctx.out, "facade", &facade::run(&ctx).await?),
         Scenario::Flow => save(&ctx.out, "flow", &flow::run(&ctx).await?),
+        Scenario::Instrumentation => {
+            let r = instrumentation::run(&ctx).await?;
+            save(&ctx.out, "instrumentation", &r)?;
+            instrumentation::write_report_section(&r, &cli.report)?;
+            println!(
+                "\nreport section \"{}\" written to {}",
+                instrumentation::HEADING.trim_start_matches("## "),
+                cli.report.display()
+            );
+            Ok(())
+        }
+        Scenario::InstrumentationMicro => Ok(()),
         Scenario::All => all(&ctx, &cli.report).await,
     }
 }
@@ -213,6 +241,10 @@ async fn all(ctx: &Ctx, report_path: &Path) -> anyhow::Result<()> {
     r.stream = step(ctx, &mut r, "stream", true, || stream::run(ctx)).await;
     r.facade = step(ctx, &mut r, "facade", true, || facade::run(ctx)).await;
     r.flow = step(ctx, &mut r, "flow", true, || flow::run(ctx)).await;
+    r.instrumentation = step(ctx, &mut r, "instrumentation", true, || {
+        instrumentation::run(ctx)
+    })
+    .await;
     r.total_s = start.elapsed().as_secs_f64();
     save(&ctx.out, "results", &r)?;
     report::write(&r, report_path)?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::scenarios::{
-    burst, concurrency, facade, flow, overhead, reads, scaling, stream, submit,
+    burst, concurrency, facade, flow, instrumentation, overhead, reads, scaling, stream, submit,
 };
 use crate::svg::{self, Panel};
 
@@ -59,6 +59,8 @@ pub struct AllResults {
     pub facade: Option<facade::FacadeResult>,
     /// Scenario 9.
     pub flow: Option<flow::FlowResult>,
+    /// Scenario 10.
+    pub instrumentation: Option<instrumentation::InstrumentationResult>,
     /// Scenarios not run, with why.
     pub skipped: Vec<String>,
     /// Scenarios that failed, with the error.
@@ -208,6 +210,20 @@ pub fn targets(r: &AllResults) -> Vec<Target> {
         })),
         None => t.push(missing("flow: 429s < 1%, goodput ≥ 90%, Jain ≥ 0.95")),
     }
+    t.push(match &r.instrumentation {
+        Some(x) => {
+            let (what, measured, met) = x.target();
+            Target {
+                what,
+                measured,
+                met: Some(met),
+            }
+        }
+        None => missing(
+            "instrumentation (metrics, spans, logs) < 3% of the api's CPU per submit and of the \
+             worker's CPU per job",
+        ),
+    });
     t
 }
 

@@ -77,6 +77,11 @@ pub fn markdown(r: &AllResults, svg: Option<&str>) -> String {
         Some(x) => x.markdown(&mut s),
         None => s.push_str("Not run (starts its own systems).\n\n"),
     }
+    let _ = writeln!(s, "\n{}\n", crate::scenarios::instrumentation::HEADING);
+    match &r.instrumentation {
+        Some(x) => x.markdown(&mut s),
+        None => s.push_str("Not run (starts its own systems).\n\n"),
+    }
     s
 }
 

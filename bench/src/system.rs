@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqlx::PgPool;
+use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -125,11 +126,14 @@ fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
 
 fn command(name: &str, envs: &[(String, String)]) -> anyhow::Result<Command> {
     let mut cmd = Command::new(bin_path(name)?);
-    cmd.envs(envs.iter().cloned())
-        .env(
+    // `RUST_LOG` among `envs` wins; else `CHATQ_BENCH_LOG`, else `error`.
+    if !envs.iter().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env(
             "RUST_LOG",
             std::env::var("CHATQ_BENCH_LOG").unwrap_or_else(|_| "error".into()),
-        )
+        );
+    }
+    cmd.envs(envs.iter().cloned())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -161,6 +165,7 @@ pub struct System {
     pub mock_pid: Option<u32>,
     children: Vec<Child>,
     workers: Vec<Child>,
+    api_env: Vec<(String, String)>,
     worker_env: Vec<(String, String)>,
     analyzer: Option<tokio::task::JoinHandle<()>>,
 }
@@ -198,6 +203,7 @@ impl System {
             mock_pid: None,
             children: vec![],
             workers: vec![],
+            api_env: vec![],
             worker_env: vec![],
             analyzer: None,
         };
@@ -244,6 +250,7 @@ impl System {
         // per-tenant share.
         api_env.push(("CHATQ_TENANT_QUEUE_SHARE".into(), "1".into()));
         api_env.extend(opts.api_env.iter().cloned());
+        self.api_env = api_env.clone();
         let mut api = command("chatq-api", &api_env)?
             .spawn()
             .context("starting chatq-api")?;
@@ -283,6 +290,64 @@ impl System {
             self.workers.push(child);
         }
         Ok(())
+    }
+
+    /// Starts one more api process on the same database and queue, with
+    /// `env` added to the first api's environment and its stderr (its
+    /// log) going to `stderr`; returns its base URL and process id.
+    pub async fn start_extra_api(
+        &mut self,
+        http: &reqwest::Client,
+        env: &[(String, String)],
+        stderr: Stdio,
+    ) -> anyhow::Result<(String, Option<u32>)> {
+        let mut all = self.api_env.clone();
+        all.extend(env.iter().cloned());
+        let mut api = command("chatq-api", &all)?
+            .stderr(stderr)
+            .spawn()
+            .context("starting another chatq-api")?;
+        let pid = api.id();
+        let url = chatq_tests::read_listen_line(&mut api, "chatq-api").await;
+        self.children.push(api);
+        let url = url?;
+        wait_ready(http, &url).await?;
+        Ok((url, pid))
+    }
+
+    /// Starts one worker process with `env` added to the workers'
+    /// environment and its stderr (its log) going to `stderr`, and waits
+    /// for its metrics listener; returns its process id and `/metrics` URL.
+    pub async fn start_watched_worker(
+        &mut self,
+        env: &[(String, String)],
+        stderr: Stdio,
+    ) -> anyhow::Result<(Option<u32>, String)> {
+        let mut all = self.worker_env.clone();
+        all.extend(env.iter().cloned());
+        let mut child = command("chatq-worker", &all)?
+            .stderr(stderr)
+            .spawn()
+            .context("starting chatq-worker")?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        self.workers.push(child);
+        let stdout = stdout.context("worker stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let prefix = "chatq-worker metrics listening on ";
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix(prefix) {
+                    return Ok(url.trim().to_owned());
+                }
+            }
+            bail!("chatq-worker exited before its metrics listener started")
+        })
+        .await
+        .context("chatq-worker's metrics listener did not start within 60 s")??;
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((pid, format!("{url}/metrics")))
     }
 
     /// Process ids of the running workers.

@@ -58,6 +58,7 @@ fn all_quick_writes_a_report_with_no_lost_or_duplicated_jobs() {
         "scaling",
         "stream",
         "facade",
+        "instrumentation",
     ] {
         assert!(md.contains(scenario), "the report mentions {scenario}");
     }

@@ -20,7 +20,10 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::filter::{FilterExt, Targets};
+use tracing_subscriber::layer::Filter;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// What is exported: chatq's own spans and events from `info` up, other
 /// crates' warnings.
@@ -32,15 +35,8 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Installs the global subscriber. Call once, first thing in `main`, and
 /// [`shutdown`] last.
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json {
-        fmt.json().boxed()
-    } else {
-        fmt.boxed()
-    };
-    let fmt = fmt.with_filter(filter);
+    let filter = log_filter();
     let (otel, failed) = match otlp_provider() {
         Ok(Some(provider)) => {
             let tracer = provider.tracer("chatq");
@@ -48,24 +44,87 @@ pub fn init() {
             // Built when the span closes or a child needs it, not on entry:
             // a worker's span for a job learns its parent (the submit's)
             // only once it has claimed the job.
-            // Spans are exported whatever RUST_LOG keeps in the log: an
-            // operator quieting logs still gets every request's and job's
-            // span (and the info events in them).
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
-                .with_context_activation(false)
-                .with_filter(EnvFilter::new(EXPORTED_SPANS));
+                .with_context_activation(false);
             (Some(layer), None)
         }
         Ok(None) => (None, None),
         Err(err) => (None, Some(err)),
     };
-    tracing_subscriber::registry().with(fmt).with(otel).init();
+    let registry = tracing_subscriber::registry();
+    match (otel, filter) {
+        // The usual case: one filter for the whole subscriber, so a span or
+        // event RUST_LOG leaves out costs nothing further.
+        (None, LogFilter::Static(f)) => registry.with(f).with(fmt_layer(json)).init(),
+        (None, LogFilter::Dynamic(f)) => registry.with(*f).with(fmt_layer(json)).init(),
+        // Spans are exported whatever RUST_LOG keeps in the log: an operator
+        // quieting logs still gets every request's and job's span (and the
+        // info events in them). So each layer has its own filter.
+        (Some(otel), filter) => {
+            let exported = EXPORTED_SPANS
+                .parse::<Targets>()
+                .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
+            registry
+                .with(fmt_layer(json).with_filter(filter.boxed()))
+                .with(otel.with_filter(exported))
+                .init();
+        }
+    }
     if let Some(err) = failed {
         tracing::error!(error = %err, "OTLP trace export is off: the exporter could not be built");
     } else if PROVIDER.get().is_some() {
         tracing::info!("exporting traces over OTLP");
     }
+}
+
+/// The log lines, to stderr: text, or JSON objects with `json`.
+fn fmt_layer<S>(json: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // JSON: the current span's fields only (`span`), not the list of every
+    // enclosing span again: chatq's spans do not nest, and each span
+    // serialized costs a parse of its stored fields per line.
+    if json {
+        fmt.json().with_span_list(false).boxed()
+    } else {
+        fmt.boxed()
+    }
+}
+
+/// What `RUST_LOG` (default `info`) keeps in the log.
+enum LogFilter {
+    /// Targets and levels only (`info`, `warn,chatq_worker=debug`): no state
+    /// per span, so entering and leaving a span costs no lock.
+    Static(Targets),
+    /// With span or field directives (`[job]=debug`): the full `EnvFilter`.
+    Dynamic(Box<EnvFilter>),
+}
+
+impl LogFilter {
+    fn boxed(self) -> Box<dyn Filter<Registry> + Send + Sync> {
+        match self {
+            Self::Static(f) => FilterExt::boxed(f),
+            Self::Dynamic(f) => FilterExt::boxed(*f),
+        }
+    }
+}
+
+fn log_filter() -> LogFilter {
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "info".to_owned());
+    if !spec.contains(['[', '{'])
+        && let Ok(targets) = spec.parse::<Targets>()
+    {
+        return LogFilter::Static(targets);
+    }
+    LogFilter::Dynamic(Box::new(
+        EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info")),
+    ))
 }
 
 /// The OTLP exporting provider if `OTEL_EXPORTER_OTLP_ENDPOINT` (or the
@@ -155,6 +214,11 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) -> bool {
     );
     span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent))
         .is_ok()
+}
+
+/// Whether spans are exported (OTLP).
+pub fn exporting() -> bool {
+    PROVIDER.get().is_some()
 }
 
 /// The `traceparent` naming `span` as the parent, as exported (its trace

@@ -147,7 +147,9 @@ pub async fn call_with_retries(
             Ok(completion) => {
                 ctx.metrics
                     .llm_tokens(completion.prompt_tokens, completion.completion_tokens);
-                tracing::info!(llm.latency_ms = latency_ms, attempt, "LLM call succeeded");
+                // Debug: one info line per job ("job succeeded") is enough;
+                // call latency is in chatq_llm_request_duration_seconds.
+                tracing::debug!(llm.latency_ms = latency_ms, attempt, "LLM call succeeded");
                 return Call::Finished(Ok(completion));
             }
             Err(err) => err,

@@ -4,6 +4,7 @@ pub mod burst;
 pub mod concurrency;
 pub mod facade;
 pub mod flow;
+pub mod instrumentation;
 pub mod overhead;
 pub mod reads;
 pub mod scaling;

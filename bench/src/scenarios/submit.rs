@@ -144,7 +144,7 @@ async fn with_two_workers(
 }
 
 /// C tasks submitting to fresh conversations (`POST /v1/chat`) for `d`.
-async fn submit_load(target: &Target, clients: usize, d: Duration) -> LoadResult {
+pub async fn submit_load(target: &Target, clients: usize, d: Duration) -> LoadResult {
     let t = target.clone();
     load::run(clients, Stop::After(d), move |client, seq| {
         let t = t.clone();
