@@ -236,7 +236,9 @@ async fn succeed(
     };
     if written {
         ctx.metrics.job_finished(JobOutcome::Succeeded);
-        tracing::info!(job_id = %id, "job succeeded");
+        // Debug, as the api logs a successful request: the metrics count
+        // successes; failures and retries are logged at info and warn.
+        tracing::debug!(job_id = %id, "job succeeded");
     } else {
         ctx.metrics.job_finished(JobOutcome::Discarded);
         tracing::info!(job_id = %id, "claim lost before the result was written; discarded");

@@ -30,8 +30,8 @@
 //! there), entered and left
 //! [`JOB_POLLS`] times (the instrumented job future is polled at every
 //! await), cloned once for the heartbeat task, the log lines of a
-//! successful job inside the span (`LLM call succeeded` at `debug`, so
-//! filtered out at `info`; `job succeeded` at `info`),
+//! successful job inside the span (`LLM call succeeded` and `job
+//! succeeded`, both at `debug`, so filtered out at `info`),
 //! and the [`chatq_worker::metrics::WorkerMetrics`] calls of one job:
 //! `job_started` (in-flight gauge up, down on drop), `llm_first_token`,
 //! `llm_call`, `llm_tokens` and `job_finished`.
@@ -499,7 +499,7 @@ fn job_once(m: &Arc<WorkerMetrics>, v: Variant, id: Uuid, traceparent: &str, i: 
     }
     if v.logs {
         let _entered = span.enter();
-        tracing::info!(job_id = %id, "job succeeded");
+        tracing::debug!(job_id = %id, "job succeeded");
     }
     drop(in_flight);
     drop(span);
