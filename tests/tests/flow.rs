@@ -417,3 +417,47 @@ async fn a_keys_max_concurrency_holds_across_workers_without_blocking_other_keys
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_submissions_of_one_tenant_get_distinct_start_tags() -> anyhow::Result<()> {
+    // No worker: every job stays queued with the tag it got on insert.
+    let (env, key) = TestEnv::start_with_key(EnvOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    // Keyed submissions are stored one statement each (not batched), so
+    // concurrent ones are concurrent transactions.
+    let posts = (0..60).map(|i| {
+        let (api, key) = (env.api.clone(), key.clone());
+        async move {
+            let body = json!({"content": format!("race {i}")});
+            let r = api
+                .raw(
+                    reqwest::Method::POST,
+                    "/v1/chat",
+                    Some(&key),
+                    Some(("application/json", serde_json::to_vec(&body)?)),
+                    &[("idempotency-key", &format!("race-{i}"))],
+                )
+                .await?;
+            anyhow::ensure!(r.status == 202, "submit answered {}: {}", r.status, r.body);
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    for r in futures_util::future::join_all(posts).await {
+        r?;
+    }
+    let (jobs, tags): (i64, i64) = sqlx::query_as(
+        "select count(*), count(distinct start_tag) from jobs where status = 'queued'",
+    )
+    .fetch_one(&env.db)
+    .await?;
+    assert_eq!(jobs, 60);
+    assert_eq!(
+        tags, 60,
+        "each of a tenant's jobs starts after the one before: no two share a start tag"
+    );
+    env.cleanup().await;
+    Ok(())
+}

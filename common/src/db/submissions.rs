@@ -216,6 +216,10 @@ pub async fn submit_many(db: impl PgExecutor<'_>, turns: &[NewTurn]) -> sqlx::Re
                     i.trace_parent, i.key_id, i.key_cap
              from input i
              join conv on conv.id = i.conversation_id and conv.tenant_id = i.tenant_id
+             -- The start-tag trigger locks each tenant's lane: insert in
+             -- lock order, so concurrent batches never wait crosswise.
+             order by chatq_start_tag_lock_key(i.tenant_id,
+                          case when i.priority = 'batch' then 1 else 0 end::smallint)
              on conflict do nothing
              returning *
          ), msg as (
