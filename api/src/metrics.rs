@@ -7,8 +7,10 @@
 //! a scrape and cached, so a scrape never costs a query per job and a
 //! process nobody scrapes reads nothing.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -19,6 +21,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use chatq_common::db::jobs;
@@ -58,6 +61,8 @@ struct StatusLabels {
 
 /// Every metric the api exports.
 pub struct ApiMetrics {
+    /// Distinguishes this instance in the per-thread cache of HTTP series.
+    id: u64,
     registry: Registry,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: HistogramFamily<HttpLabels>,
@@ -172,6 +177,7 @@ impl ApiMetrics {
             sample_errors.clone(),
         );
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             http_requests,
             http_duration,
@@ -270,6 +276,70 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// Source of [`ApiMetrics`] instance ids.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One HTTP series' handles: the request counter and the latency histogram
+/// of one (instance, method, route, status).
+struct HttpSeries {
+    route: Box<str>,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Cached series by (instance, method, status), then by route.
+type SeriesByKey = HashMap<(u64, &'static str, u16), Vec<HttpSeries>>;
+
+/// Series per thread before the cache is emptied (routes × methods ×
+/// statuses is small; this bounds a pathological mix).
+const HTTP_SERIES_PER_THREAD: usize = 4096;
+
+thread_local! {
+    /// Handles of the HTTP series this thread recorded, by (instance,
+    /// method, status), then route: a request then touches no lock of the
+    /// metric families (under load on several cores those locks, shared by
+    /// every request, cost more than the counting itself).
+    static HTTP_SERIES: RefCell<(usize, SeriesByKey)> = RefCell::new((0, HashMap::new()));
+}
+
+/// Calls `record` with the request counter and latency histogram of one
+/// series, created in the families on first use.
+fn with_http_series(
+    metrics: &ApiMetrics,
+    method: &'static str,
+    route: &str,
+    status: u16,
+    record: impl FnOnce(&Counter, &Histogram),
+) {
+    HTTP_SERIES.with_borrow_mut(|(count, cache)| {
+        let key = (metrics.id, method, status);
+        if let Some(series) = cache
+            .get(&key)
+            .and_then(|v| v.iter().find(|s| &*s.route == route))
+        {
+            record(&series.requests, &series.duration);
+            return;
+        }
+        if *count >= HTTP_SERIES_PER_THREAD {
+            cache.clear();
+            *count = 0;
+        }
+        let labels = HttpLabels {
+            method,
+            route: route.to_owned(),
+            status,
+        };
+        let series = HttpSeries {
+            route: route.into(),
+            requests: metrics.http_requests.get_or_create(&labels).clone(),
+            duration: metrics.http_duration.get_or_create(&labels).clone(),
+        };
+        record(&series.requests, &series.duration);
+        cache.entry(key).or_default().push(series);
+        *count += 1;
+    });
+}
+
 /// The bounded label value for a rejected submission.
 fn rejection_reason(err: &SubmitError) -> &'static str {
     match err {
@@ -314,22 +384,15 @@ pub async fn track_http(
 ) -> Response {
     let started = Instant::now();
     let method = method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let response = next.run(req).await;
-    let labels = HttpLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
-    };
-    metrics
-        .http_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    metrics.http_requests.get_or_create(&labels).inc();
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    with_http_series(&metrics, method, route, status, |requests, duration| {
+        duration.observe(elapsed);
+        requests.inc();
+    });
     response
 }
 
