@@ -218,10 +218,7 @@ pub fn router(state: AppState) -> Router {
             server::limit_request,
         ))
         // Outermost: shed and timed-out requests are counted too.
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            metrics::track_http,
-        ))
+        .layer(metrics::TrackHttpLayer::new(metrics))
         .with_state(state)
 }
 

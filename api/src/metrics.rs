@@ -1,7 +1,7 @@
 //! The api's Prometheus metrics, served on `GET /metrics` (no auth, exempt
 //! from the in-flight cap and the handling timeout, like `/healthz`).
 //!
-//! Request counts and latencies are recorded by [`track_http`]; submission
+//! Request counts and latencies are recorded by [`TrackHttpLayer`]; submission
 //! outcomes by [`ApiMetrics::record_submission`]. Queue and job gauges come
 //! from the broker and PostgreSQL, read at most once per [`SAMPLE_EVERY`] by
 //! a scrape and cached, so a scrape never costs a query per job and a
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -374,26 +373,75 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&m.registry)).into_response()
 }
 
-/// Middleware: counts every answered request and its latency by method,
-/// route template (`unmatched` for the fallback) and status. Runs outside
-/// load shedding, so shed requests (503) are counted too.
-pub async fn track_http(
-    State(metrics): State<Arc<ApiMetrics>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = method_label(req.method());
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(req).await;
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed().as_secs_f64();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    with_http_series(&metrics, method, route, status, |requests, duration| {
-        duration.observe(elapsed);
-        requests.inc();
-    });
-    response
+/// Layer: counts every answered request and its latency by method, route
+/// template (`unmatched` for the fallback) and status. Runs outside load
+/// shedding, so shed requests (503) are counted too. A plain tower service
+/// (one boxed future per request), not `from_fn`, which also boxes the
+/// inner service per request: this runs on every request.
+#[derive(Clone)]
+pub struct TrackHttpLayer {
+    metrics: Arc<ApiMetrics>,
+}
+
+impl TrackHttpLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<ApiMetrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for TrackHttpLayer {
+    type Service = TrackHttp<S>;
+
+    fn layer(&self, inner: S) -> TrackHttp<S> {
+        TrackHttp {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// The service of [`TrackHttpLayer`].
+#[derive(Clone)]
+pub struct TrackHttp<S> {
+    inner: S,
+    metrics: Arc<ApiMetrics>,
+}
+
+impl<S> tower::Service<Request> for TrackHttp<S>
+where
+    S: tower::Service<Request, Response = Response>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = Instant::now();
+        let method = method_label(req.method());
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let answer = self.inner.call(req);
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(async move {
+            let response = answer.await?;
+            let status = response.status().as_u16();
+            let elapsed = started.elapsed().as_secs_f64();
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            with_http_series(&metrics, method, route, status, |requests, duration| {
+                duration.observe(elapsed);
+                requests.inc();
+            });
+            Ok(response)
+        })
+    }
 }
 
 /// The method as a label; anything non-standard is `other` (bounded).

@@ -9,7 +9,7 @@
 //!
 //! **Per submit** (api): a request `POST /v1/chat` goes through an axum
 //! router holding the instrumentation layers of [`chatq_api::router`], in
-//! its order: [`chatq_api::metrics::track_http`] (outermost: request
+//! its order: [`chatq_api::metrics::TrackHttpLayer`] (outermost: request
 //! counter and latency histogram by method, route and status),
 //! [`chatq_api::trace::with_context`] (the W3C trace context, a `MapRequestLayer`), and tower-http's
 //! `TraceLayer` making the span with [`chatq_api::trace::request_span`]
@@ -59,7 +59,7 @@ use tower::ServiceExt;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use chatq_api::metrics::{ApiMetrics, track_http};
+use chatq_api::metrics::{ApiMetrics, TrackHttpLayer};
 use chatq_api::submission::SubmitError;
 use chatq_api::trace::{self as api_trace, TraceContext};
 use chatq_common::telemetry;
@@ -415,10 +415,7 @@ fn submit_router(v: Variant, metrics: &Arc<ApiMetrics>) -> Router {
             .layer(tower::util::MapRequestLayer::new(api_trace::with_context));
     }
     if v.metrics {
-        router = router.layer(axum::middleware::from_fn_with_state(
-            Arc::clone(metrics),
-            track_http,
-        ));
+        router = router.layer(TrackHttpLayer::new(Arc::clone(metrics)));
     }
     router
 }
