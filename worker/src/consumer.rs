@@ -223,13 +223,7 @@ async fn handle_delivery(ctx: Arc<JobContext>, delivery: Delivery, abandon: Canc
         }
     };
     let hint = message.job_id();
-    let span = tracing::info_span!(
-        "job",
-        job_id = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        message.job_id = %hint,
-        job.attempt = tracing::field::Empty
-    );
+    let span = crate::span::job_span(hint);
     async {
         let settle_as = match run_job(&ctx, hint, &abandon).await {
             Ok(Outcome::Done) => Settle::Ack,

@@ -12,6 +12,7 @@ pub mod prompt;
 pub mod recovery;
 pub mod retry;
 pub mod runner;
+pub mod span;
 pub mod sse;
 pub mod store;
 

@@ -23,7 +23,6 @@ use crate::llm::{ChatRequest, Completion, LlmClient};
 use crate::metrics::{JobOutcome, WorkerMetrics};
 use crate::store::JobStore;
 use crate::{WorkerConfig, prompt};
-use chatq_common::telemetry;
 
 /// Everything a job needs, shared by all of a process's jobs.
 pub struct JobContext {
@@ -106,21 +105,12 @@ pub async fn run_job(
         Claimed::Not(outcome) => return Ok(outcome),
     };
     let id = job.id;
-    let span = tracing::Span::current();
-    span.record("job_id", tracing::field::display(id));
-    span.record("job.attempt", job.attempts);
-    // The submitting request's trace (W3C `traceparent`: version, trace id,
-    // parent span, flags); with traces exported, this span becomes the
-    // child of the submit's.
-    if let Some(parent) = job.trace_parent.as_deref()
-        && let Some((trace_id, _, _)) = telemetry::parse_traceparent(parent)
-    {
-        span.record("trace_id", trace_id);
-        if !telemetry::continue_trace(&span, parent) && telemetry::span_traceparent(&span).is_some()
-        {
-            tracing::debug!("the job's span had started: it is not linked to the submit's trace");
-        }
-    }
+    crate::span::record_claim(
+        &tracing::Span::current(),
+        id,
+        job.attempts,
+        job.trace_parent.as_deref(),
+    );
     // Registered right after the claim: a cancellation announced from here
     // on stops the call at once (one announced between the claim and here
     // is caught by the first heartbeat).

@@ -24,10 +24,9 @@
 //! dropped, which closes the span. The same router without these layers
 //! and calls is the baseline; the cost is the difference.
 //!
-//! **Per job** (worker): the `job` span of `chatq_worker::consumer` (same
-//! fields, recorded as `chatq_worker::runner` does, the trace context with
-//! `chatq_common::telemetry`'s functions; copied, as they are inline
-//! there), entered and left
+//! **Per job** (worker): the `job` span, made and filled by the worker's
+//! own `chatq_worker::span::{job_span, record_claim}` (joined to the
+//! submit's trace), entered and left
 //! [`JOB_POLLS`] times (the instrumented job future is polled at every
 //! await), cloned once for the heartbeat task, the log lines of a
 //! successful job inside the span (`LLM call succeeded` and `job
@@ -62,7 +61,6 @@ use uuid::Uuid;
 use chatq_api::metrics::{ApiMetrics, TrackHttpLayer};
 use chatq_api::submission::SubmitError;
 use chatq_api::trace::{self as api_trace, TraceContext};
-use chatq_common::telemetry;
 use chatq_worker::metrics::{JobOutcome, WorkerMetrics};
 
 /// Times the submit handler is polled. With the 2 polls of the response
@@ -442,13 +440,7 @@ fn submit_once(router: &Router, i: u64) -> anyhow::Result<()> {
 fn job_once(m: &Arc<WorkerMetrics>, v: Variant, id: Uuid, traceparent: &str, i: u64) {
     // `consumer::handle_delivery`.
     let span = if v.spans {
-        tracing::info_span!(
-            "job",
-            job_id = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-            message.job_id = %id,
-            job.attempt = tracing::field::Empty
-        )
+        chatq_worker::span::job_span(id)
     } else {
         tracing::Span::none()
     };
@@ -460,18 +452,7 @@ fn job_once(m: &Arc<WorkerMetrics>, v: Variant, id: Uuid, traceparent: &str, i: 
     // `runner::run_job`.
     let in_flight = v.metrics.then(|| m.job_started());
     if v.spans {
-        span.record("job_id", tracing::field::display(id));
-        span.record("job.attempt", 1_i32);
-        if let Some((trace_id, _, _)) = telemetry::parse_traceparent(traceparent) {
-            span.record("trace_id", trace_id);
-            if !telemetry::continue_trace(&span, traceparent)
-                && telemetry::span_traceparent(&span).is_some()
-            {
-                tracing::debug!(
-                    "the job's span had started: it is not linked to the submit's trace"
-                );
-            }
-        }
+        chatq_worker::span::record_claim(&span, id, 1, Some(traceparent));
         // The heartbeat task runs in `Span::current()`.
         black_box(span.clone());
     }

@@ -568,10 +568,9 @@ impl InstrumentationResult {
              (28.4, counted once with a uprobe on the subscriber's `enter`; a submit awaits its \
              batched INSERT, the broker confirm and more); the body is then dropped, which closes \
              the span. The baseline is the same router without those layers and calls; the cost \
-             is the difference. **Per job:** the worker's `job` span (fields of \
-             `consumer::handle_delivery`, recorded and joined to the submit's trace as \
-             `runner::run_job` does, with `chatq_common::telemetry`'s functions; these few lines \
-             are copied, as they are inline there), entered {} times in all (the `info` worker \
+             is the difference. **Per job:** the worker's `job` span, made and filled by the \
+             worker's own `chatq_worker::span::job_span` and `record_claim` (joined to the \
+             submit's trace), entered {} times in all (the `info` worker \
              entered it 23.6 times per job, counted the same way: the job future is polled at \
              every await, and the heartbeat runs in the span), cloned for the heartbeat, the log \
              lines of a successful job inside it (`LLM call succeeded` and `job succeeded`, both \
