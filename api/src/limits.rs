@@ -188,7 +188,7 @@ impl Backlogs {
                 match fresh() {
                     Some(current) => current,
                     None => {
-                        let read = jobs::unpublished_count(&state.db).await?;
+                        let (read, _lag) = jobs::outbox(&state.db).await?;
                         *lock(&self.outbox) = Some(CachedCount::new(read));
                         read
                     }

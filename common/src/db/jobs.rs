@@ -829,16 +829,6 @@ pub async fn queued_count_of_tenant(db: impl PgExecutor<'_>, tenant_id: Uuid) ->
     .await
 }
 
-/// Queued jobs whose publish was never confirmed (the outbox backlog).
-pub async fn unpublished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(
-        r#"select count(*) as "count!" from jobs
-           where status = 'queued' and published_at is null"#
-    )
-    .fetch_one(db)
-    .await
-}
-
 /// The outbox: queued jobs whose publish was never confirmed, and the age
 /// in seconds of the oldest of them (the relay's lag; 0 when none).
 pub async fn outbox(db: impl PgExecutor<'_>) -> sqlx::Result<(i64, f64)> {
