@@ -221,13 +221,8 @@ async fn all(ctx: &Ctx, report_path: &Path) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut r = AllResults {
         started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        command_line: std::env::args().collect::<Vec<_>>().join(" "),
-        profile: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
-        .into(),
+        command_line: report::command_line(),
+        profile: report::profile().into(),
         quick: ctx.quick,
         machine: report::machine(&ctx.infra.pg_url).await,
         ..Default::default()

@@ -381,6 +381,20 @@ pub fn write(r: &AllResults, path: &Path) -> anyhow::Result<()> {
 }
 
 /// Markdown cell for met / missed / not measured.
+/// The command line this bench was run with.
+pub fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// The build profile of this bench binary: `debug` or `release`.
+pub fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
 pub fn verdict(met: Option<bool>) -> &'static str {
     match met {
         Some(true) => "met",

@@ -22,6 +22,28 @@ fn logged(file: &str) -> Vec<(String, String)> {
     ])
 }
 
+/// Submits a one-shot chat with a `traceparent` header; its job id.
+async fn submit_traced(
+    env: &TestEnv,
+    key: &str,
+    content: &str,
+    traceparent: &str,
+) -> anyhow::Result<String> {
+    let body = serde_json::to_vec(&json!({ "content": content }))?;
+    let r = env
+        .api
+        .raw(
+            reqwest::Method::POST,
+            "/v1/chat",
+            Some(key),
+            Some(("application/json", body)),
+            &[("traceparent", traceparent)],
+        )
+        .await?;
+    assert_eq!(r.status, 202, "{}", r.body);
+    Ok(r.str("id"))
+}
+
 fn log_lines(file: &str) -> anyhow::Result<Vec<Value>> {
     let text = std::fs::read_to_string(file)?;
     Ok(text
@@ -41,22 +63,13 @@ async fn a_clients_traceparent_continues_into_the_workers_span_for_the_job() -> 
     })
     .await?;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let body = serde_json::to_vec(&json!({"content": "traced"}))?;
-    let r = env
-        .api
-        .raw(
-            reqwest::Method::POST,
-            "/v1/chat",
-            Some(&key),
-            Some(("application/json", body)),
-            &[(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )],
-        )
-        .await?;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.str("id");
+    let id = submit_traced(
+        &env,
+        &key,
+        "traced",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
+    .await?;
     let done = env.api.wait_terminal(&key, &id, DEADLINE).await?;
     assert_eq!(done["status"], "succeeded");
     // Another job, without a traceparent, gets a trace of its own.
@@ -246,19 +259,13 @@ async fn with_an_otlp_endpoint_the_workers_span_is_exported_as_the_child_of_the_
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let client_span = "b7ad6b7169203331";
     let marker = "OKAPI-91c2-SECRET";
-    let body = serde_json::to_vec(&json!({"content": format!("traced {marker}")}))?;
-    let r = env
-        .api
-        .raw(
-            reqwest::Method::POST,
-            "/v1/chat",
-            Some(&key),
-            Some(("application/json", body)),
-            &[("traceparent", &format!("00-{trace_id}-{client_span}-01"))],
-        )
-        .await?;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.str("id");
+    let id = submit_traced(
+        &env,
+        &key,
+        &format!("traced {marker}"),
+        &format!("00-{trace_id}-{client_span}-01"),
+    )
+    .await?;
     let done = env.api.wait_terminal(&key, &id, DEADLINE).await?;
     assert_eq!(done["status"], "succeeded");
 

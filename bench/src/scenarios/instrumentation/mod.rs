@@ -322,13 +322,8 @@ impl InstrumentationResult {
         let job_pct = shares[1].pct;
         Self {
             measured_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            command_line: std::env::args().collect::<Vec<_>>().join(" "),
-            profile: if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            }
-            .into(),
+            command_line: crate::report::command_line(),
+            profile: crate::report::profile().into(),
             met: submit_pct < TARGET_PCT
                 && job_pct < TARGET_PCT
                 && api_on.cpu_us_per_op > 0.0
