@@ -10,56 +10,93 @@
 use axum::extract::Request;
 use chatq_common::telemetry;
 
-/// The trace a request belongs to.
+/// The trace a request belongs to. The ids are kept as numbers and written
+/// as hex only where they are shown (the span's `trace_id`, the stored
+/// `traceparent`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    /// 32 lowercase hex digits.
-    pub trace_id: String,
-    /// This request's span id, 16 lowercase hex digits.
-    pub span_id: String,
-    /// Trace flags, 2 hex digits.
-    pub flags: String,
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
     /// The client's valid `traceparent`, if it sent one.
-    pub incoming: Option<String>,
+    incoming: Option<String>,
 }
 
 impl TraceContext {
     /// Continues the trace of a valid `traceparent` header, else starts one.
     pub fn from_header(header: Option<&str>) -> Self {
-        let span_id = hex_id(8);
-        match header.and_then(telemetry::parse_traceparent) {
-            Some((trace_id, _, flags)) => Self {
-                trace_id: trace_id.to_owned(),
+        let span_id = fastrand::u64(1..);
+        let parsed = header.and_then(|h| {
+            let (trace_id, _, flags) = telemetry::parse_traceparent(h)?;
+            Some((
+                u128::from_str_radix(trace_id, 16).ok()?,
+                u8::from_str_radix(flags, 16).ok()?,
+            ))
+        });
+        match parsed {
+            Some((trace_id, flags)) => Self {
+                trace_id,
                 span_id,
-                flags: flags.to_owned(),
+                flags,
                 incoming: header.map(str::to_owned),
             },
             None => Self {
-                trace_id: hex_id(16),
+                trace_id: fastrand::u128(1..),
                 span_id,
-                flags: "01".to_owned(),
+                flags: 1,
                 incoming: None,
             },
         }
+    }
+
+    /// The trace id: 32 lowercase hex digits when shown.
+    pub fn trace_id(&self) -> impl std::fmt::Display + std::fmt::Debug + use<> {
+        TraceId(self.trace_id)
     }
 
     /// The `traceparent` naming this request's span as the parent: the
     /// exported span's ids when traces are exported (the handler runs in
     /// the request span), else this context's.
     pub fn traceparent(&self) -> String {
-        telemetry::span_traceparent(&tracing::Span::current())
-            .unwrap_or_else(|| format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags))
+        telemetry::span_traceparent(&tracing::Span::current()).unwrap_or_else(|| {
+            let mut s = String::with_capacity(55);
+            s.push_str("00-");
+            s.push_str(hex(self.trace_id, &mut [0; 32]));
+            s.push('-');
+            s.push_str(hex(u128::from(self.span_id), &mut [0; 16]));
+            s.push('-');
+            s.push_str(hex(u128::from(self.flags), &mut [0; 2]));
+            s
+        })
     }
 }
 
-/// A random id of `bytes` bytes (8 or 16) as lowercase hex, never all
-/// zeros (which W3C trace context says is invalid).
-fn hex_id(bytes: usize) -> String {
-    let id = fastrand::u128(1..);
-    match bytes {
-        16 => format!("{id:032x}"),
-        _ => format!("{:016x}", (id as u64).max(1)),
+/// A trace id shown as 32 lowercase hex digits.
+#[derive(Clone, Copy)]
+struct TraceId(u128);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(hex(self.0, &mut [0; 32]))
     }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The low `out.len()` hex digits of `n`, lowercase, zero-padded, written
+/// into `out` (what `{:032x}` writes, without the formatting machinery:
+/// this runs on every request).
+fn hex(n: u128, out: &mut [u8]) -> &str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let len = out.len();
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = DIGITS[((n >> (4 * (len - 1 - i))) & 0xf) as usize];
+    }
+    std::str::from_utf8(out).unwrap_or_default()
 }
 
 /// Puts the request's [`TraceContext`] in its extensions (a plain request
@@ -87,7 +124,7 @@ pub fn request_span(req: &Request, route: &str) -> tracing::Span {
         "request",
         method = %req.method(),
         route = %route,
-        trace_id = known.map(|t| t.trace_id.as_str())
+        trace_id = known.map(|t| tracing::field::display(t.trace_id()))
     );
     if let Some(incoming) = trace.and_then(|t| t.incoming.as_deref()) {
         telemetry::continue_trace(&span, incoming);
@@ -110,11 +147,31 @@ mod tests {
         let t = TraceContext::from_header(Some(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ));
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_ne!(t.span_id, "00f067aa0ba902b7", "a new span for this request");
+        assert_eq!(t.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(
+            t.span_id, 0x00f0_67aa_0ba9_02b7,
+            "a new span for this request"
+        );
         assert!(
             t.traceparent()
                 .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
+    }
+
+    #[test]
+    fn ids_are_written_as_zero_padded_lowercase_hex() {
+        assert_eq!(hex(0xab, &mut [0; 32]), format!("{:032x}", 0xab));
+        assert_eq!(hex(u128::MAX, &mut [0; 2]), "ff");
+        let t = TraceContext {
+            trace_id: u128::MAX - 1,
+            span_id: 0x0a,
+            flags: 1,
+            incoming: None,
+        };
+        assert_eq!(t.trace_id().to_string(), format!("{:032x}", u128::MAX - 1));
+        assert_eq!(
+            t.traceparent(),
+            format!("00-{:032x}-{:016x}-01", u128::MAX - 1, 0x0a)
         );
     }
 
@@ -129,8 +186,10 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
         ] {
             let t = TraceContext::from_header(Some(bad));
-            assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
-            assert_eq!(t.trace_id.len(), 32);
+            let id = t.trace_id().to_string();
+            assert_ne!(id, "4bf92f3577b34da6a3ce929d0e0e4736", "{bad}");
+            assert_eq!(id.len(), 32);
+            assert!(t.traceparent().starts_with(&format!("00-{id}-")), "{bad}");
         }
     }
 }

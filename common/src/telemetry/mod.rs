@@ -11,6 +11,8 @@
 //! `traceparent`, [`span_traceparent`] names a span as the parent of work
 //! done elsewhere (a job stores its submitting request's).
 
+mod json_fields;
+
 use std::sync::OnceLock;
 
 use opentelemetry::trace::{
@@ -86,9 +88,14 @@ where
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // JSON: the current span's fields only (`span`), not the list of every
     // enclosing span again: chatq's spans do not nest, and each span
-    // serialized costs a parse of its stored fields per line.
+    // serialized costs a parse of its stored fields per line. A span's
+    // fields are kept as JSON by `JsonSpanFields` (cheaper to make and to
+    // add to than tracing-subscriber's own).
     if json {
-        fmt.json().with_span_list(false).boxed()
+        fmt.json()
+            .with_span_list(false)
+            .fmt_fields(json_fields::JsonSpanFields)
+            .boxed()
     } else {
         fmt.boxed()
     }
@@ -195,6 +202,9 @@ pub fn parse_traceparent(header: &str) -> Option<(&str, &str, &str)> {
 /// names, in the exported trace. False when nothing is exported or the
 /// span had already started.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) -> bool {
+    if !exporting() {
+        return false;
+    }
     let Some((trace_id, parent_id, flags)) = parse_traceparent(traceparent) else {
         return false;
     };
