@@ -11,6 +11,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod openai;
 pub mod openapi;
 pub mod positions;
@@ -27,12 +28,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::DefaultBodyLimit;
 use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 
 use chatq_common::config::{AmqpArgs, DbArgs, parse_secs};
 use chatq_common::queue::{Publisher, Topology};
@@ -203,22 +203,13 @@ pub fn router(state: AppState) -> Router {
         // The JSON extractor enforces CHATQ_MAX_BODY_BYTES itself, draining
         // what it refuses so clients can read the 413.
         .layer(DefaultBodyLimit::disable())
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let route = req
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("unmatched", MatchedPath::as_str);
-            trace::request_span(req, route)
-        }))
-        .layer(tower::util::MapRequestLayer::new(trace::with_context))
-        // Outside the trace span: a shed request costs no span and no error
-        // log of its own (shedding is logged at most once a second).
         .layer(axum::middleware::from_fn_with_state(
             limits,
             server::limit_request,
         ))
-        // Outermost: shed and timed-out requests are counted too.
-        .layer(metrics::TrackHttpLayer::new(metrics))
+        // Outermost: metrics, trace context and the request span, so shed
+        // and timed-out requests are counted and traced too.
+        .layer(observe::ObserveLayer::new(metrics))
         .with_state(state)
 }
 

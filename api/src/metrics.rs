@@ -1,7 +1,7 @@
 //! The api's Prometheus metrics, served on `GET /metrics` (no auth, exempt
 //! from the in-flight cap and the handling timeout, like `/healthz`).
 //!
-//! Request counts and latencies are recorded by [`TrackHttpLayer`]; submission
+//! Request counts and latencies are recorded by [`crate::observe`]; submission
 //! outcomes by [`ApiMetrics::record_submission`]. Queue and job gauges come
 //! from the broker and PostgreSQL, read at most once per [`SAMPLE_EVERY`] by
 //! a scrape and cached, so a scrape never costs a query per job and a
@@ -9,11 +9,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{Method, header};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -195,6 +195,28 @@ impl ApiMetrics {
         }
     }
 
+    /// Every series in the Prometheus text format (what `/metrics` serves,
+    /// without the sampled gauges' refresh).
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+
+    /// Counts one answered request and its latency (to the response head)
+    /// by method, route template (`unmatched` for the fallback) and status.
+    pub fn record_request(&self, method: &Method, route: &str, status: u16, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        with_http_series(
+            self,
+            method_label(method),
+            route,
+            status,
+            |requests, duration| {
+                duration.observe(seconds);
+                requests.inc();
+            },
+        );
+    }
+
     /// Counts a submission's outcome.
     pub fn record_submission<T>(&self, result: &Result<T, SubmitError>) {
         match result {
@@ -370,78 +392,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     m.sse_subscribers
         .set(i64::try_from(state.hub.subscribers()).unwrap_or(i64::MAX));
     m.sample(&state).await;
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&m.registry)).into_response()
-}
-
-/// Layer: counts every answered request and its latency by method, route
-/// template (`unmatched` for the fallback) and status. Runs outside load
-/// shedding, so shed requests (503) are counted too. A plain tower service
-/// (one boxed future per request), not `from_fn`, which also boxes the
-/// inner service per request: this runs on every request.
-#[derive(Clone)]
-pub struct TrackHttpLayer {
-    metrics: Arc<ApiMetrics>,
-}
-
-impl TrackHttpLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: Arc<ApiMetrics>) -> Self {
-        Self { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for TrackHttpLayer {
-    type Service = TrackHttp<S>;
-
-    fn layer(&self, inner: S) -> TrackHttp<S> {
-        TrackHttp {
-            inner,
-            metrics: Arc::clone(&self.metrics),
-        }
-    }
-}
-
-/// The service of [`TrackHttpLayer`].
-#[derive(Clone)]
-pub struct TrackHttp<S> {
-    inner: S,
-    metrics: Arc<ApiMetrics>,
-}
-
-impl<S> tower::Service<Request> for TrackHttp<S>
-where
-    S: tower::Service<Request, Response = Response>,
-    S::Future: Send + 'static,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response, S::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let started = Instant::now();
-        let method = method_label(req.method());
-        let route = req.extensions().get::<MatchedPath>().cloned();
-        let answer = self.inner.call(req);
-        let metrics = Arc::clone(&self.metrics);
-        Box::pin(async move {
-            let response = answer.await?;
-            let status = response.status().as_u16();
-            let elapsed = started.elapsed().as_secs_f64();
-            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-            with_http_series(&metrics, method, route, status, |requests, duration| {
-                duration.observe(elapsed);
-                requests.inc();
-            });
-            Ok(response)
-        })
-    }
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], m.render()).into_response()
 }
 
 /// The method as a label; anything non-standard is `other` (bounded).

@@ -263,8 +263,8 @@ impl RequestLimits {
 /// answered `503`. This is tower's `LoadShed` + `GlobalConcurrencyLimit` +
 /// `Timeout`, written out because some requests are exempt (see
 /// [`is_long_lived`]). Must run after routing (`Router::layer`), which sets
-/// the [`MatchedPath`] it reads, and outside the trace layer, so that
-/// shedding stays cheap.
+/// the [`MatchedPath`] it reads. Runs inside [`crate::observe`], so a shed
+/// or timed-out request is counted and its warning is in its span.
 pub async fn limit_request(
     State(limits): State<RequestLimits>,
     req: Request,

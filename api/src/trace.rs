@@ -7,7 +7,7 @@
 //! With OTLP export on (`chatq_common::telemetry`), the ids are the
 //! exported spans' own, so the worker's span is the child of the submit's.
 
-use axum::extract::Request;
+use axum::http::Method;
 use chatq_common::telemetry;
 
 /// The trace a request belongs to. The ids are kept as numbers and written
@@ -99,39 +99,24 @@ fn hex(n: u128, out: &mut [u8]) -> &str {
     std::str::from_utf8(out).unwrap_or_default()
 }
 
-/// Puts the request's [`TraceContext`] in its extensions (a plain request
-/// map, `tower::util::MapRequestLayer`: no boxed middleware per request).
-pub fn with_context(mut req: Request) -> Request {
-    let header = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok());
-    let trace = TraceContext::from_header(header);
-    req.extensions_mut().insert(trace);
-    req
-}
-
 /// The span of one request, in its trace: the child of the client's
 /// `traceparent` if it sent one. Its `trace_id` field is the exported
 /// trace's when traces are exported.
-pub fn request_span(req: &Request, route: &str) -> tracing::Span {
-    let trace = req.extensions().get::<TraceContext>();
+pub fn request_span(method: &Method, route: &str, trace: &TraceContext) -> tracing::Span {
     // Known now unless an exporter starts a new trace for this request:
     // then it is recorded from the exported span (a record costs more than
     // a field given at creation).
-    let known = trace.filter(|t| t.incoming.is_some() || !telemetry::exporting());
+    let known = trace.incoming.is_some() || !telemetry::exporting();
     let span = tracing::info_span!(
         "request",
-        method = %req.method(),
-        route = %route,
-        trace_id = known.map(|t| tracing::field::display(t.trace_id()))
+        method = method.as_str(),
+        route,
+        trace_id = known.then(|| tracing::field::display(trace.trace_id()))
     );
-    if let Some(incoming) = trace.and_then(|t| t.incoming.as_deref()) {
+    if let Some(incoming) = trace.incoming.as_deref() {
         telemetry::continue_trace(&span, incoming);
     }
-    if known.is_none()
-        && let Some(exported) = telemetry::span_traceparent(&span)
-    {
+    if !known && let Some(exported) = telemetry::span_traceparent(&span) {
         let trace_id = exported.split('-').nth(1).unwrap_or_default();
         span.record("trace_id", trace_id);
     }

@@ -16,7 +16,7 @@ fn logged(file: &str) -> Vec<(String, String)> {
         ("LOG_FORMAT", "json"),
         (
             "RUST_LOG",
-            "info,chatq_api=debug,chatq_worker=debug,chatq_common=debug,tower_http=debug,sqlx=warn",
+            "info,chatq_api=debug,chatq_worker=debug,chatq_common=debug,sqlx=warn",
         ),
         ("CHATQ_TEST_LOG_FILE", file),
     ])
@@ -100,7 +100,7 @@ async fn a_clients_traceparent_continues_into_the_workers_span_for_the_job() -> 
     let api_traced = lines.iter().any(|l| {
         l["target"]
             .as_str()
-            .is_some_and(|t| t.starts_with("chatq_api") || t.starts_with("tower_http"))
+            .is_some_and(|t| t.starts_with("chatq_api"))
             && l["span"]["trace_id"] == trace_id
     });
     assert!(api_traced, "the api's request span carries it too");

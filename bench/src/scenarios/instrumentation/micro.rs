@@ -8,12 +8,10 @@
 //! log line still costs its formatting and its `write` call).
 //!
 //! **Per submit** (api): a request `POST /v1/chat` goes through an axum
-//! router holding the instrumentation layers of [`chatq_api::router`], in
-//! its order: [`chatq_api::metrics::TrackHttpLayer`] (outermost: request
-//! counter and latency histogram by method, route and status),
-//! [`chatq_api::trace::with_context`] (the W3C trace context, a `MapRequestLayer`), and tower-http's
-//! `TraceLayer` making the span with [`chatq_api::trace::request_span`]
-//! (as `chatq_api::router`'s closure does).
+//! router holding the api's instrumentation layer,
+//! [`chatq_api::observe::ObserveLayer`] (request counter and latency
+//! histogram by method, route and status; the W3C trace context; the
+//! `request` span, entered at each poll of the handler and of the body).
 //! The handler does what the submit handler does for instrumentation: takes
 //! the `TraceContext` extension, renders its `traceparent` (stored with the
 //! job) and calls [`chatq_api::metrics::ApiMetrics::record_submission`].
@@ -49,18 +47,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
-use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use chatq_api::metrics::{ApiMetrics, TrackHttpLayer};
+use chatq_api::metrics::ApiMetrics;
+use chatq_api::observe::ObserveLayer;
 use chatq_api::submission::SubmitError;
-use chatq_api::trace::{self as api_trace, TraceContext};
+use chatq_api::trace::TraceContext;
 use chatq_worker::metrics::{JobOutcome, WorkerMetrics};
 
 /// Times the submit handler is polled. With the 2 polls of the response
@@ -388,34 +386,21 @@ async fn submit_handler(
     StatusCode::ACCEPTED
 }
 
-/// `chatq_api::router`'s `make_span_with` closure: the route template, then
-/// the api's own [`api_trace::request_span`].
-fn request_span(req: &Request) -> tracing::Span {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
-    api_trace::request_span(req, route)
-}
-
-/// The submit route with the instrumentation layers of `chatq_api::router`
-/// that `v` turns on, in the same order (load shedding left out: it is not
-/// instrumentation).
+/// The submit route with the parts of the api's instrumentation layer that
+/// `v` turns on (load shedding left out: it is not instrumentation).
 fn submit_router(v: Variant, metrics: &Arc<ApiMetrics>) -> Router {
-    let mut router = Router::new()
+    let router = Router::new()
         .route("/v1/chat", post(submit_handler))
         .with_state(HandlerState {
             metrics: v.metrics.then(|| Arc::clone(metrics)),
         });
-    if v.spans {
-        router = router
-            .layer(TraceLayer::new_for_http().make_span_with(request_span))
-            .layer(tower::util::MapRequestLayer::new(api_trace::with_context));
+    if !v.metrics && !v.spans {
+        return router;
     }
-    if v.metrics {
-        router = router.layer(TrackHttpLayer::new(Arc::clone(metrics)));
-    }
-    router
+    router.layer(ObserveLayer::parts(
+        v.metrics.then(|| Arc::clone(metrics)),
+        v.spans,
+    ))
 }
 
 /// One submit through `router`, its response body read to the end.

@@ -43,7 +43,7 @@ pub const TARGET_PCT: f64 = 3.0;
 const CONFIGS: [(&str, &str); 3] = [
     ("info", "json"),
     ("info", "text"),
-    ("info,tower_http=debug", "json"),
+    ("info,chatq_api::observe=debug", "json"),
 ];
 
 /// Instrumentation cost per operation under one log configuration,
@@ -552,10 +552,10 @@ impl InstrumentationResult {
              `chatq_common::telemetry::init` from `RUST_LOG` and `LOG_FORMAT`, writing to stderr \
              on `/dev/null` (so a log line costs its formatting and its `write` call, not a \
              disk's or a log shipper's). **Per submit:** `POST /v1/chat` through an axum router \
-             carrying the api's instrumentation layers in `chatq_api::router`'s order: \
-             `metrics::TrackHttpLayer` (request counter and latency histogram by method, route and \
-             status), `trace::with_context` (W3C trace context) and tower-http's `TraceLayer` making the \
-             `request` span with `trace::request_span` (method, route, trace id). Its handler \
+             carrying the api's instrumentation layer, `observe::ObserveLayer` (request counter \
+             and latency histogram by method, route and status; the W3C trace context; the \
+             `request` span made by `trace::request_span` with method, route and trace id, \
+             entered at each poll of the handler and of the body). Its handler \
              does only the submit handler's instrumentation: takes the `TraceContext`, renders \
              the `traceparent` stored with the job, and calls `ApiMetrics::record_submission`; it \
              is polled {} times and the response body twice, so the span is entered {} times per \
@@ -590,11 +590,11 @@ impl InstrumentationResult {
         self.micro_table().markdown(s);
         s.push_str(
             "At `info` the api writes no line for a successful request (the `request` span is \
-             created, filled and closed, but tower-http logs requests at `debug`); the worker \
-             writes none for a successful job either. `RUST_LOG=info,tower_http=debug` (the documented way to log \
-             every request) adds tower-http's two `debug` lines per request, shown for \
-             comparison; its job figures measure the first row's again (tower-http does not run \
-             in the worker), which shows the run-to-run spread of these figures.\n\n",
+             created, filled and closed, but the line per answered request is at `debug`); the \
+             worker writes none for a successful job either. `RUST_LOG=info,chatq_api::observe=debug` \
+             (the documented way to log every request) adds that line, shown for comparison; its \
+             job figures measure the first row's again (the setting changes nothing in the \
+             worker), which shows the run-to-run spread of these figures.\n\n",
         );
         s.push_str("### Under load: what a submit and a job cost in all\n\n");
         let _ = writeln!(
@@ -648,7 +648,7 @@ impl InstrumentationResult {
             "**What is counted.** In process: the api's request metrics, submission counter, \
              trace context (parse or new ids, the extension, the `traceparent` string) and \
              request span with its enter/exit per poll and close, plus the middleware plumbing \
-             these layers add (`TrackHttpLayer`, a `MapRequestLayer` and `TraceLayer` wrap every request); the \
+             that layer adds (one more boxed service and future around every request); the \
              worker's job span, its fields, its log lines and every metric update of a \
              successful job. **What is not counted:** the `traceparent` column written with \
              the job and read back by the worker (a few dozen bytes in PostgreSQL); \
