@@ -84,28 +84,40 @@ pub struct LoadPart {
 }
 
 impl LoadPart {
-    fn process(&self, i: usize) -> Process {
-        self.processes.get(i).cloned().unwrap_or_default()
+    /// The `n`th process (from 0) of kind `what` with `RUST_LOG` `rust_log`.
+    fn find(&self, what: &str, rust_log: &str, n: usize) -> Process {
+        self.processes
+            .iter()
+            .filter(|p| p.what == what && p.rust_log == rust_log)
+            .nth(n)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The api logging at `info`.
     pub fn api_on(&self) -> Process {
-        self.process(0)
+        self.find("api", &rust_log(&ON), 0)
     }
 
     /// The api with logs off.
     pub fn api_off(&self) -> Process {
-        self.process(1)
+        self.find("api", &rust_log(&OFF), 0)
+    }
+
+    /// The second api with logs off: the A/A control, how far two
+    /// processes of the same configuration differ under the same load.
+    pub fn api_off_again(&self) -> Process {
+        self.find("api", &rust_log(&OFF), 1)
     }
 
     /// The worker logging at `info`.
     pub fn worker_on(&self) -> Process {
-        self.process(2)
+        self.find("worker", &rust_log(&ON), 0)
     }
 
     /// The worker with logs off.
     pub fn worker_off(&self) -> Process {
-        self.process(3)
+        self.find("worker", &rust_log(&OFF), 0)
     }
 }
 
@@ -210,11 +222,15 @@ async fn measure(ctx: &Ctx, sys: &mut System, logs: &LogDir) -> anyhow::Result<L
     let clients = if ctx.quick { 4 } else { 32 };
     let d = ctx.duration;
     println!(
-        "instrumentation: 2 apis (info JSON, off) × {clients} clients, {d:?}; \
+        "instrumentation: 3 apis (info JSON, off, off again) × {clients} clients, {d:?}; \
          then 2 workers (info JSON, off) drain the backlog"
     );
     let mut apis = Vec::new();
-    for (name, settings) in [("api-on.log", ON), ("api-off.log", OFF)] {
+    for (name, settings) in [
+        ("api-on.log", ON),
+        ("api-off.log", OFF),
+        ("api-off-again.log", OFF),
+    ] {
         let (url, pid) = sys
             .start_extra_api(&ctx.http, &env(&settings), logs.stderr(name)?)
             .await
