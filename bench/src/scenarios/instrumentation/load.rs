@@ -119,6 +119,11 @@ impl LoadPart {
     pub fn worker_off(&self) -> Process {
         self.find("worker", &rust_log(&OFF), 0)
     }
+
+    /// The second worker with logs off: the workers' A/A control.
+    pub fn worker_off_again(&self) -> Process {
+        self.find("worker", &rust_log(&OFF), 1)
+    }
 }
 
 /// A directory for the processes' logs, removed at the end.
@@ -223,7 +228,7 @@ async fn measure(ctx: &Ctx, sys: &mut System, logs: &LogDir) -> anyhow::Result<L
     let d = ctx.duration;
     println!(
         "instrumentation: 3 apis (info JSON, off, off again) × {clients} clients, {d:?}; \
-         then 2 workers (info JSON, off) drain the backlog"
+         then 3 workers (info JSON, off, off again) drain the backlog"
     );
     let mut apis = Vec::new();
     for (name, settings) in [
@@ -266,7 +271,11 @@ async fn measure(ctx: &Ctx, sys: &mut System, logs: &LogDir) -> anyhow::Result<L
     // The workers, started on the backlog while the queue is paused.
     sys.set_paused(&ctx.http, true).await?;
     let mut workers = Vec::new();
-    for (name, settings) in [("worker-on.log", ON), ("worker-off.log", OFF)] {
+    for (name, settings) in [
+        ("worker-on.log", ON),
+        ("worker-off.log", OFF),
+        ("worker-off-again.log", OFF),
+    ] {
         let (pid, metrics_url) = sys
             .start_watched_worker(&env(&settings), logs.stderr(name)?)
             .await
