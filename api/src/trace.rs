@@ -50,7 +50,7 @@ impl TraceContext {
     }
 
     /// The trace id: 32 lowercase hex digits when shown.
-    pub fn trace_id(&self) -> impl std::fmt::Display + std::fmt::Debug + use<> {
+    pub fn trace_id(&self) -> impl std::fmt::Display + use<> {
         TraceId(self.trace_id)
     }
 
@@ -78,12 +78,6 @@ struct TraceId(u128);
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(hex(self.0, &mut [0; 32]))
-    }
-}
-
-impl std::fmt::Debug for TraceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
     }
 }
 

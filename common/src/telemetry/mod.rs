@@ -1,4 +1,4 @@
-//! Tracing setup: `EnvFilter` (default `info`), `LOG_FORMAT=json` for JSON
+//! Tracing setup: a `RUST_LOG` filter (default `info`), `LOG_FORMAT=json` for JSON
 //! lines, and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span
 //! exported over OTLP/HTTP (nothing is exported, and no exporter runs, when
 //! it is not). The standard `OTEL_*` variables configure the exporter:
